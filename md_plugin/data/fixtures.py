@@ -61,7 +61,9 @@ def write_cifar(
         else _balanced_labels(num_classes, train_per_class, seed)
     )
     te = np.asarray(
-        test_labels if test_labels is not None else _balanced_labels(num_classes, test_per_class, seed + 1)
+        test_labels
+        if test_labels is not None
+        else _balanced_labels(num_classes, test_per_class, seed + 1)
     )
     root = Path(root)
     if variant == "cifar10":

@@ -145,9 +145,7 @@ def _cfg(**kwargs) -> dict:
     )
 
 
-default_cfgs = generate_default_cfgs(
-    {f"resnet{d}_cifar": _cfg() for d in (20, 32, 44, 56, 110)}
-)
+default_cfgs = generate_default_cfgs({f"resnet{d}_cifar": _cfg() for d in (20, 32, 44, 56, 110)})
 
 
 def _create(variant: str, depth: int, pretrained: bool, **kwargs) -> CifarResNet:

@@ -1,0 +1,327 @@
+"""labelme JSON -> one foreground mask per dataset index, for Model Doctor's spatial term.
+
+Why this module is strict: a mask given to the wrong image, or drawn from only some of the shapes,
+silently teaches the model the wrong foreground. So:
+
+* the dataset index comes from the workspace's ``index.csv`` (keyed by the stem of the image the
+  shapes were drawn on, ``imagePath``, else the JSON's own stem); only without ``index.csv`` is a
+  leading integer in the file name trusted;
+* every shape counts (union), of every type labelme writes, rasterised by labelme's own
+  ``shape_to_mask`` at the image size stored in the JSON (AI ``mask`` shapes are pasted at
+  their top-left point, as labelme's ``shapes_to_label`` does);
+* the stored size must equal the workspace image size, and a mask drawn on an enlarged workspace
+  image is brought back to the dataset size by area average, keeping a dataset pixel when at
+  least half of it was covered (``>= 0.5``); with a nearest-neighbour workspace at an integer
+  factor that is exactly "at least half of the block";
+* anything doubtful is skipped with a ``MaskWarning`` naming the file and reason, and counted.
+
+Masks are written as ``{index:06d}.png`` (mode ``L``, 0 background, 255 foreground) plus
+``masks.json``; existing masks are kept unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, DataError, MDError
+from .workspace import read_index
+
+__all__ = ["MaskReport", "MaskWarning", "labelme_to_masks", "mask_file_name"]
+
+SUMMARY_FILE = "masks.json"
+_OWN_JSON = {"index.json", SUMMARY_FILE}
+
+# (min, max) number of points per shape type, checked here so a bad shape is skipped with a
+# reason instead of reaching labelme's asserts (which ``python -O`` would strip).
+_POINTS = {
+    "polygon": (3, None),
+    "rectangle": (2, 2),
+    "circle": (2, 2),
+    "line": (2, 2),
+    "linestrip": (2, None),
+    "point": (1, 1),
+    "oriented_rectangle": (4, 4),
+    "mask": (2, 2),
+}
+
+
+class MaskWarning(UserWarning):
+    """An annotation file or shape was skipped."""
+
+
+@dataclass
+class MaskReport:
+    """What ``labelme_to_masks`` did: indices written, files and shapes skipped with reasons."""
+
+    written: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped_shapes: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"{len(self.written)} masks written, {len(self.skipped)} skipped"
+
+
+class _Skip(Exception):
+    """Reason a whole annotation file is skipped."""
+
+
+def mask_file_name(index: int) -> str:
+    return f"{int(index):06d}.png"
+
+
+def _labelme_utils() -> tuple[Callable[..., np.ndarray], Callable[[str], np.ndarray]]:
+    """labelme is optional (``md-plugin[labelme]``) and slow to import: load it only here."""
+    try:
+        from labelme.utils import img_b64_to_arr, shape_to_mask
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "labelme":
+            raise MDError("labelme is not installed: pip install 'md-plugin[labelme]'") from e
+        raise MDError(f"labelme is installed but cannot be imported: {e}") from e
+    except ImportError as e:
+        raise MDError(f"labelme is installed but cannot be imported: {e}") from e
+    return shape_to_mask, img_b64_to_arr
+
+
+def _warn(report_list: list[tuple[str, str]], file: str, reason: str) -> None:
+    report_list.append((file, reason))
+    warnings.warn(f"{file}: {reason}", MaskWarning, stacklevel=3)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _Skip(f"invalid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise _Skip("not a labelme file (top level is not an object)")
+    missing = [k for k in ("shapes", "imageHeight", "imageWidth") if k not in doc]
+    if missing:
+        raise _Skip(f"not a labelme file (missing {', '.join(missing)})")
+    if not isinstance(doc["shapes"], list):
+        raise _Skip("not a labelme file (shapes is not a list)")
+    for key in ("imageHeight", "imageWidth"):
+        v = doc[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise _Skip(f"not a labelme file ({key}={v!r} is not a positive integer)")
+    return doc
+
+
+def _image_stem(path: Path, doc: dict[str, Any]) -> str:
+    """The image the shapes were drawn on; labelme may store a Windows or relative path."""
+    image_path = doc.get("imagePath")
+    if isinstance(image_path, str) and image_path.strip():
+        return Path(image_path.replace("\\", "/")).stem
+    return path.stem
+
+
+def _resolve(
+    path: Path, doc: dict[str, Any], rows: dict[str, dict[str, Any]] | None
+) -> tuple[int, tuple[int, int] | None]:
+    """Dataset index and, with a workspace index, the dataset (height, width) to return to."""
+    h, w = doc["imageHeight"], doc["imageWidth"]
+    stem = _image_stem(path, doc)
+    if rows is None:
+        m = re.match(r"\d+", stem)
+        if not m:
+            raise _Skip(f"no index.csv and {stem!r} does not start with a dataset index")
+        return int(m.group()), None
+    row = rows.get(stem)
+    if row is None:
+        raise _Skip(f"image {stem!r} is not listed in the workspace index.csv")
+    if (h, w) != (row["height"], row["width"]):
+        raise _Skip(
+            f"imageHeight x imageWidth is {h}x{w} but the workspace image {row['file']} is "
+            f"{row['height']}x{row['width']}"
+        )
+    return row["index"], (row["orig_height"], row["orig_width"])
+
+
+def _points(shape: dict[str, Any]) -> list[list[float]]:
+    pts = shape.get("points")
+    if not isinstance(pts, list) or not all(
+        isinstance(p, list | tuple)
+        and len(p) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+        for p in pts
+    ):
+        raise ValueError("points must be a list of [x, y] numbers")
+    return [[float(x), float(y)] for x, y in pts]
+
+
+def _paste_mask(
+    hw: tuple[int, int], shape: dict[str, Any], pts: list[list[float]], b64: Callable
+) -> np.ndarray:
+    """labelme's AI ``mask`` shape: a base64 PNG whose top-left corner is the first point."""
+    data = shape.get("mask")
+    if not isinstance(data, str):
+        raise ValueError("mask shape without a base64 'mask'")
+    patch = np.asarray(b64(data)).astype(bool)
+    if patch.ndim == 3:
+        patch = patch.any(axis=2)
+    out = np.zeros(hw, dtype=bool)
+    x0, y0 = (int(v) for v in pts[0])
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + patch.shape[0], hw[0]), min(x0 + patch.shape[1], hw[1])
+    if ye > ys and xe > xs:
+        out[ys:ye, xs:xe] = patch[ys - y0 : ye - y0, xs - x0 : xe - x0]
+    return out
+
+
+def _rasterise(
+    path: Path,
+    doc: dict[str, Any],
+    foreground: set[str] | None,
+    report: MaskReport,
+    utils: tuple[Callable, Callable],
+) -> np.ndarray:
+    """Union of every usable shape; bad shapes are warned about and left out."""
+    shape_to_mask, b64 = utils
+    hw = (doc["imageHeight"], doc["imageWidth"])
+    mask = np.zeros(hw, dtype=bool)
+    used = 0
+    for i, shape in enumerate(doc["shapes"]):
+        where = f"{path.name} shape {i}"
+        if not isinstance(shape, dict):
+            _warn(report.skipped_shapes, where, "not an object")
+            continue
+        label = shape.get("label")
+        if foreground is not None and label not in foreground:
+            continue
+        kind = shape.get("shape_type") or "polygon"  # labelme < 3 wrote no shape_type
+        where = f"{where} ({kind} {label!r})"
+        if kind not in _POINTS:
+            _warn(report.skipped_shapes, where, f"unsupported shape type {kind!r}")
+            continue
+        try:
+            pts = _points(shape)
+        except ValueError as e:
+            _warn(report.skipped_shapes, where, str(e))
+            continue
+        lo, hi = _POINTS[kind]
+        if len(pts) < lo or (hi is not None and len(pts) > hi):
+            need = f"{lo}" if lo == hi else f"at least {lo}"
+            _warn(report.skipped_shapes, where, f"has {len(pts)} points, needs {need}")
+            continue
+        try:
+            if kind == "mask":
+                mask |= _paste_mask(hw, shape, pts, b64)
+            else:
+                mask |= shape_to_mask(hw, pts, kind)
+        except (ValueError, TypeError, OSError) as e:
+            _warn(report.skipped_shapes, where, f"cannot rasterise ({e})")
+            continue
+        used += 1
+    if used == 0:
+        which = f" with a label in {sorted(foreground)}" if foreground is not None else ""
+        raise _Skip(f"no valid shape{which}")
+    if not mask.any():
+        raise _Skip("shapes cover no pixel of the image")
+    return mask
+
+
+def _to_dataset_size(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Area average (PIL BOX = exact pixel coverage) then keep pixels covered >= 0.5."""
+    if mask.shape == hw:
+        return mask
+    img = Image.fromarray(mask.astype(np.float32))
+    cover = np.asarray(img.resize((hw[1], hw[0]), Image.Resampling.BOX))
+    return cover >= 0.5
+
+
+def _read_summary(out: Path) -> dict[str, Any]:
+    path = out / SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with open(path) as f:
+            masks = json.load(f)["masks"]
+        if not isinstance(masks, dict):
+            raise TypeError("masks is not an object")
+        return masks
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a masks summary written by md-plugin: {e}") from e
+
+
+def labelme_to_masks(
+    annotations_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset_size: int | None = None,
+    overwrite: bool = False,
+    foreground_labels: Iterable[str] | None = None,
+) -> MaskReport:
+    """Convert every labelme JSON in ``annotations_dir`` into ``out_dir/{index:06d}.png``.
+
+    ``foreground_labels`` keeps only shapes with those labels (default: all shapes). Files are
+    processed in name order; a second file for an index already converted in this run is
+    skipped. See the module docstring for the mapping and resize rules.
+    """
+    utils = _labelme_utils()
+    ann = Path(annotations_dir).expanduser()
+    out = Path(out_dir).expanduser()
+    if not ann.is_dir():
+        raise DataError(f"annotation folder not found: {ann}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"mask folder {out} exists and is not a folder")
+    if out.resolve() == ann.resolve():
+        raise ConfigError(
+            "write masks to a folder other than the labelme workspace "
+            "(labelme would list the mask images as images to annotate)"
+        )
+    if dataset_size is not None and dataset_size <= 0:
+        raise ConfigError(f"dataset_size must be positive, got {dataset_size}")
+    foreground = set(foreground_labels) if foreground_labels is not None else None
+    rows = read_index(ann) if (ann / "index.csv").is_file() else None
+
+    report = MaskReport()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = _read_summary(out)
+    done: dict[int, str] = {}
+    for path in sorted(ann.glob("*.json")):
+        if path.name in _OWN_JSON or not path.is_file():
+            continue
+        try:
+            doc = _load(path)
+            index, dataset_hw = _resolve(path, doc, rows)
+            if dataset_size is not None and index >= dataset_size:
+                raise _Skip(f"index {index} is outside the dataset (size {dataset_size})")
+            if index in done:
+                raise _Skip(f"index {index} was already converted from {done[index]}")
+            target = out / mask_file_name(index)
+            if target.exists() and not overwrite:
+                raise _Skip(f"{target.name} already exists (pass overwrite to replace it)")
+            mask = _rasterise(path, doc, foreground, report, utils)
+        except _Skip as e:
+            _warn(report.skipped, path.name, str(e))
+            continue
+        if dataset_hw is not None:
+            mask = _to_dataset_size(mask, dataset_hw)
+            if not mask.any():
+                _warn(report.skipped, path.name, "mask vanishes at the dataset image size")
+                continue
+        Image.fromarray(mask.astype(np.uint8) * 255).save(target, format="PNG")
+        done[index] = path.name
+        report.written.append(index)
+        summary[str(index)] = {
+            "file": target.name,
+            "height": int(mask.shape[0]),
+            "width": int(mask.shape[1]),
+            "foreground_pixels": int(mask.sum()),
+            "source": path.name,
+        }
+
+    if report.written:
+        ordered = dict(sorted(summary.items(), key=lambda kv: int(kv[0])))
+        with open(out / SUMMARY_FILE, "w") as f:
+            json.dump({"version": 1, "masks": ordered}, f, indent=1)
+    return report

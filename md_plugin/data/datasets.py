@@ -1,0 +1,195 @@
+"""Dataset factory: timm's names plus CIFAR-LT and the bundled digits, never downloading silently.
+
+``create_dataset`` handles our own names and hands the rest to ``timm.data.create_dataset``.
+Every dataset returned yields raw ``(PIL image, int)`` items and exposes ``targets`` and
+``classes``; transforms are applied by :class:`TransformedDataset`, which also pairs each image
+with its foreground mask when one exists (the spatial loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .cifar import CIFAR10, CIFAR100
+
+__all__ = [
+    "create_dataset",
+    "TransformedDataset",
+    "get_targets",
+    "get_class_names",
+    "DigitsDataset",
+]
+
+_TRAIN_SPLITS = ("train", "training")
+_VAL_SPLITS = ("validation", "val", "valid", "eval", "evaluation", "test")
+
+
+def _is_train(split: str) -> bool:
+    return split.lower() in _TRAIN_SPLITS
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB ``size`` px.
+
+    Ships inside an installed package, so the quickstart needs no download. The split is a fixed
+    stratified 80/20 partition (seed 0): 1438 train / 359 validation images.
+    """
+
+    def __init__(self, train: bool = True, size: int = 32):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise DataError(
+                "the digits dataset needs scikit-learn: pip install 'md-plugin[quickstart]'"
+            ) from None
+        from PIL import Image
+
+        d = load_digits()
+        rng = np.random.RandomState(0)
+        idx_train, idx_val = [], []
+        for c in range(10):
+            idx = np.flatnonzero(d.target == c)
+            rng.shuffle(idx)
+            cut = int(round(0.8 * len(idx)))
+            idx_train += idx[:cut].tolist()
+            idx_val += idx[cut:].tolist()
+        sel = np.array(sorted(idx_train if train else idx_val))
+        imgs = (d.images[sel] / 16.0 * 255).astype(np.uint8)
+        self.images = [
+            Image.fromarray(im).resize((size, size), Image.BICUBIC).convert("RGB") for im in imgs
+        ]
+        self.targets = d.target[sel].astype(int).tolist()
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.targets[i]
+
+
+def _folder(root: Path, split: str):
+    from torchvision.datasets import ImageFolder
+
+    synonyms = _TRAIN_SPLITS if _is_train(split) else (split,) + _VAL_SPLITS
+    for s in (split,) + tuple(synonyms):
+        if (root / s).is_dir():
+            try:
+                return ImageFolder(str(root / s))
+            except (FileNotFoundError, RuntimeError) as e:
+                raise DataError(f"no images under {root / s}: {e}") from None
+    raise DataError(f"no '{split}' folder (or synonym) under {root}")
+
+
+def create_dataset(
+    name: str,
+    root: str | Path | None,
+    split: str = "train",
+    *,
+    download: bool = False,
+    imb_ratio: float = 100.0,
+    imb_type: str = "exp",
+    imb_seed: int = 0,
+    input_size: int = 32,
+    **kwargs: Any,
+) -> Dataset:
+    """Create an untransformed dataset by timm-style name.
+
+    Names: ``''``/``folder`` (ImageFolder layout under ``root/<split>``), ``torch/cifar10``,
+    ``torch/cifar100`` (also without the prefix), ``cifar10_lt``, ``cifar100_lt``,
+    ``sklearn/digits``; anything else goes to ``timm.data.create_dataset``.
+    """
+    key = name.lower()
+    if key.startswith(("torch/", "md/")) and key.split("/", 1)[1] in (
+        "cifar10", "cifar100", "cifar10_lt", "cifar100_lt",
+    ):  # fmt: skip
+        key = key.split("/", 1)[1]
+    if key == "sklearn/digits":
+        return DigitsDataset(train=_is_train(split), size=input_size)
+    if root is None or str(root) == "":
+        raise DataError(f"dataset {name!r} needs --data-dir")
+    root = Path(root).expanduser()
+    if key in ("cifar10", "cifar100"):
+        cls = CIFAR10 if key == "cifar10" else CIFAR100
+        return cls(root, train=_is_train(split), download=download)
+    if key in ("cifar10_lt", "cifar100_lt"):
+        from .cifar_lt import CIFAR10LT, CIFAR100LT
+
+        cls_lt = CIFAR10LT if key == "cifar10_lt" else CIFAR100LT
+        return cls_lt(
+            root, train=_is_train(split), imb_ratio=imb_ratio, imb_type=imb_type,
+            imb_seed=imb_seed, download=download,
+        )  # fmt: skip
+    if key in ("", "folder", "imagefolder"):
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root}")
+        return _folder(root, split)
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    from timm.data import create_dataset as timm_create_dataset
+
+    try:
+        return timm_create_dataset(name, root=str(root), split=split, download=download, **kwargs)
+    except (ValueError, RuntimeError, FileNotFoundError, AssertionError) as e:
+        raise ConfigError(f"cannot create dataset {name!r}: {e}") from None
+
+
+def get_targets(ds: Dataset) -> list[int]:
+    """Integer labels of every item, without decoding images where the dataset allows."""
+    for attr in ("targets", "labels"):
+        t = getattr(ds, attr, None)
+        if t is not None:
+            return [int(v) for v in t]
+    reader = getattr(ds, "reader", None)
+    samples = getattr(reader, "samples", None)
+    if samples is not None:
+        return [int(s[1]) for s in samples]
+    return [int(ds[i][1]) for i in range(len(ds))]  # type: ignore[arg-type]
+
+
+def get_class_names(ds: Dataset, num_classes: int) -> list[str]:
+    classes = getattr(ds, "classes", None)
+    if classes is not None and len(classes) == num_classes:
+        return [str(c) for c in classes]
+    return [str(i) for i in range(num_classes)]
+
+
+class TransformedDataset(Dataset):
+    """Apply a (paired) transform; with ``masks`` yield ``(img, target, mask, has_mask)``.
+
+    ``masks`` maps dataset index -> bool HxW foreground array at the dataset image size.
+    Unannotated items get an all-foreground mask and ``has_mask=False``, so the spatial loss
+    ignores them.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        transform: Callable,
+        masks: dict[int, np.ndarray] | None = None,
+    ):
+        self.base = base
+        self.transform = transform
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        img, target = self.base[i]
+        if self.masks is None:
+            return self.transform(img), target
+        m = self.masks.get(i)
+        has = m is not None
+        if m is None:
+            w, h = img.size
+            m = np.ones((h, w), dtype=bool)
+        x, mask = self.transform(img, torch.from_numpy(np.asarray(m, dtype=np.uint8)))
+        return x, target, mask[None].float(), has

@@ -1,0 +1,331 @@
+"""Diagnosis: which channels of each target layer every class relies on.
+
+For each class we keep the N most confident *correctly classified* images seen in the loader,
+and sum, over those images and over space, the positive part (or magnitude) of the gradient of
+the image's own class logit w.r.t. the layer output. One batched backward per batch gives every
+per-sample gradient at once: the model is in eval mode, so BatchNorm does not couple samples and
+d(sum_b z[b, y_b])/dA_b = dz[b, y_b]/dA_b exactly. Gradients are reduced over space immediately
+and the top-N per class is kept as a streaming buffer, so memory is O(classes x N x channels)
+whatever the dataset size. Across processes each rank keeps its own top-N and the buffers are
+merged at the end, so every rank ends with identical masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError, MDError
+from ..layers import FeatureCapture, LayerRef, resolve_layers
+from .masks import MASK_RULES, compute_masks
+
+__all__ = ["Diagnosis", "LayerDiagnosis", "diagnose", "model_fingerprint", "GRAD_MODES"]
+
+_logger = logging.getLogger(__name__)
+
+GRAD_MODES = ("relu", "abs")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerDiagnosis:
+    """Per-layer result: ``scores`` [K, C] float, ``masks`` [K, C] bool (True = relevant)."""
+
+    name: str
+    scores: torch.Tensor
+    masks: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return int(self.scores.shape[1])
+
+
+@dataclass
+class Diagnosis:
+    """The outcome of :func:`diagnose`, saved with enough metadata to refuse a wrong model."""
+
+    layers: dict[str, LayerDiagnosis]
+    counts: torch.Tensor  # images used per class, [K]
+    fingerprint: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.counts.numel())
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def remask(
+        self, mask_rule: str = "theta", theta: float = 0.2, topk: int | None = None
+    ) -> Diagnosis:
+        """Same scores, another mask rule (no need to re-run the gradient pass)."""
+        layers = {
+            n: LayerDiagnosis(
+                n, ld.scores, compute_masks(ld.scores, self.counts, mask_rule, theta, topk)
+            )
+            for n, ld in self.layers.items()
+        }
+        opts = dict(self.options, mask_rule=mask_rule, theta=theta, topk=topk)
+        return Diagnosis(layers, self.counts, self.fingerprint, opts)
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file atomically (temp file + rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"counts": self.counts.to(torch.int64).contiguous()}
+        for i, ld in enumerate(self.layers.values()):
+            tensors[f"layer{i}.scores"] = ld.scores.float().contiguous()
+            tensors[f"layer{i}.masks"] = ld.masks.to(torch.uint8).contiguous()
+        meta = {
+            "format": "md_plugin.diagnosis",
+            "version": str(FORMAT_VERSION),
+            "layers": json.dumps(list(self.layers)),
+            "fingerprint": json.dumps(self.fingerprint),
+            "options": json.dumps(self.options),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Diagnosis:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise MDError(f"diagnosis file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+            if meta.get("format") != "md_plugin.diagnosis":
+                raise ValueError("not a md_plugin diagnosis")
+            names = json.loads(meta["layers"])
+            layers = {
+                n: LayerDiagnosis(n, tensors[f"layer{i}.scores"], tensors[f"layer{i}.masks"].bool())
+                for i, n in enumerate(names)
+            }
+            return cls(
+                layers,
+                tensors["counts"],
+                json.loads(meta["fingerprint"]),
+                json.loads(meta.get("options", "{}")),
+            )
+        except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise MDError(
+                f"cannot read diagnosis {path}: corrupt or not a diagnosis file ({e})"
+            ) from None
+
+    def check_compatible(
+        self, model: nn.Module, layers: Sequence[LayerRef], num_classes: int
+    ) -> None:
+        """Refuse a diagnosis made for another model, layer set or class count."""
+        fp = model_fingerprint(model, layers)
+        if self.num_classes != num_classes:
+            raise MDError(
+                f"diagnosis has {self.num_classes} classes but the model has {num_classes}"
+            )
+        mine = {ref.name: ref.channels for ref in layers}
+        theirs = self.fingerprint.get("layers", {})
+        if set(mine) != set(self.layers) or any(theirs.get(n) != c for n, c in mine.items()):
+            raise MDError(
+                f"diagnosis layers {theirs} do not match the target layers {mine} of this model"
+            )
+        if fp["params"] != self.fingerprint.get("params"):
+            raise MDError(
+                "diagnosis was made for a model with different parameter shapes "
+                f"({self.fingerprint.get('arch')!r}, this model is {fp['arch']!r})"
+            )
+
+
+def model_fingerprint(model: nn.Module, layers: Sequence[LayerRef]) -> dict[str, Any]:
+    """Architecture name, target layer widths and a hash of all parameter shapes."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    shapes = "|".join(f"{n}:{tuple(p.shape)}" for n, p in model.state_dict().items())
+    return {
+        "arch": arch,
+        "layers": {ref.name: ref.channels for ref in layers},
+        "params": hashlib.sha1(shapes.encode()).hexdigest(),
+    }
+
+
+def channel_grad(g: torch.Tensor, mode: str, act: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a gradient [B, C, (H, W)] to per-channel mass [B, C] (positive part or magnitude).
+
+    With ``act`` given, only positions where the activation is positive count (the lab fork's
+    best variant: gradient gated by positive activation).
+    """
+    g = g.float()
+    if act is not None:
+        g = g * (act > 0)
+    g = g.clamp_min(0) if mode == "relu" else g.abs()
+    return g.flatten(2).sum(2) if g.dim() > 2 else g
+
+
+class _TopN:
+    """Per-class buffer of the N most confident samples and their per-channel gradients."""
+
+    def __init__(self, num_classes: int, n: int, widths: Sequence[int]):
+        self.n = n
+        self.conf = torch.full((num_classes, n), float("-inf"))
+        self.vecs = [torch.zeros(num_classes, n, c) for c in widths]
+
+    def add(self, labels: torch.Tensor, conf: torch.Tensor, vecs: Sequence[torch.Tensor]) -> None:
+        for k in labels.unique().tolist():
+            sel = labels == k
+            cat_conf = torch.cat([self.conf[k], conf[sel]])
+            top = cat_conf.topk(self.n).indices
+            self.conf[k] = cat_conf[top]
+            for buf, v in zip(self.vecs, vecs):
+                buf[k] = torch.cat([buf[k], v[sel]])[top]
+
+    def merge_from(self, conf: torch.Tensor, vecs: Sequence[torch.Tensor]) -> None:
+        """Merge buffers gathered from all ranks: conf [W, K, N], vecs [W, K, N, C]."""
+        w, k, n = conf.shape
+        allc = conf.permute(1, 0, 2).reshape(k, w * n)
+        top = allc.topk(self.n, dim=1).indices
+        self.conf = allc.gather(1, top)
+        for i, v in enumerate(vecs):
+            allv = v.permute(1, 0, 2, 3).reshape(k, w * n, -1)
+            self.vecs[i] = allv.gather(1, top[..., None].expand(-1, -1, allv.shape[-1]))
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.isfinite(self.conf)
+
+
+def diagnose(
+    model: nn.Module,
+    loader: Iterable,
+    layers: str | Sequence[str] | Sequence[LayerRef] = "last_conv",
+    num_classes: int | None = None,
+    *,
+    per_class: int = 50,
+    min_confidence: float = 0.0,
+    grad_mode: str = "relu",
+    gate_activation: bool = False,
+    mask_rule: str = "theta",
+    theta: float = 0.2,
+    topk: int | None = None,
+    accelerator: Any = None,
+    progress: bool = False,
+    input_size: Sequence[int] | None = None,
+) -> Diagnosis:
+    """Diagnose ``model`` on the images of ``loader`` (use the TRAINING split, eval transforms).
+
+    ``loader`` yields ``(images, targets, ...)``. With an ``accelerator`` the loader should be
+    prepared (sharded) and the per-rank buffers are gathered so every rank gets the same result.
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ConfigError(f"grad mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if mask_rule not in MASK_RULES:
+        raise ConfigError(f"mask rule must be one of {MASK_RULES}, got {mask_rule!r}")
+    if per_class < 1:
+        raise ConfigError(f"images per class must be >= 1, got {per_class}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"minimum confidence must be in [0, 1], got {min_confidence}")
+    if num_classes is None:
+        num_classes = getattr(model, "num_classes", None)
+        if not num_classes:
+            raise ConfigError("num_classes is required for this model")
+    if isinstance(layers, str) or (layers and isinstance(next(iter(layers)), str)):
+        refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
+    else:
+        refs = list(layers)  # type: ignore[arg-type]
+    device = next(model.parameters()).device
+    buf = _TopN(num_classes, per_class, [r.channels for r in refs])
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with FeatureCapture(model, refs) as cap, torch.enable_grad():
+            it = loader
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(loader, desc="diagnose", leave=False, dynamic_ncols=True)
+            for batch in it:
+                x, y = batch[0].to(device), batch[1].to(device)
+                logits = model(x)
+                feats = cap.features()
+                own = logits.gather(1, y[:, None]).sum()
+                grads = torch.autograd.grad(own, feats)
+                with torch.no_grad():
+                    prob = logits.float().softmax(1)
+                    conf = prob.gather(1, y[:, None]).squeeze(1)
+                    ok = (prob.argmax(1) == y) & (conf >= min_confidence)
+                    vecs = [
+                        channel_grad(g, grad_mode, a if gate_activation else None)[ok].cpu()
+                        for g, a in zip(grads, feats)
+                    ]
+                    buf.add(y[ok].cpu(), conf[ok].cpu(), vecs)
+                seen += len(y)
+                cap.clear()
+    finally:
+        model.train(was_training)
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        buf.merge_from(_gather(accelerator, buf.conf), [_gather(accelerator, v) for v in buf.vecs])
+    valid = buf.valid
+    counts = valid.sum(1)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        warnings.warn(
+            f"{len(empty)} class(es) have no correctly classified image above the confidence "
+            f"floor: {empty[:20]}{'...' if len(empty) > 20 else ''}. Their masks mark every "
+            "channel relevant (no channel penalty for them).",
+            stacklevel=2,
+        )
+    out: dict[str, LayerDiagnosis] = {}
+    for ref, vec in zip(refs, buf.vecs):
+        scores = (vec * valid[..., None]).sum(1)
+        if scores.abs().sum() == 0 and counts.sum() > 0:
+            warnings.warn(
+                f"every gradient at layer {ref.name!r} is zero: the layer does not influence the "
+                "logits (e.g. a zero-initialised BatchNorm after it)",
+                stacklevel=2,
+            )
+        out[ref.name] = LayerDiagnosis(
+            ref.name, scores, compute_masks(scores, counts, mask_rule, theta, topk)
+        )
+    options = dict(
+        per_class=per_class,
+        min_confidence=min_confidence,
+        grad_mode=grad_mode,
+        gate_activation=gate_activation,
+        mask_rule=mask_rule,
+        theta=theta,
+        topk=topk,
+        images_seen=seen,
+    )
+    _logger.debug("diagnosed %d images, %d used", seen, int(counts.sum()))
+    return Diagnosis(out, counts, model_fingerprint(model, refs), options)
+
+
+def _gather(accelerator: Any, t: torch.Tensor) -> torch.Tensor:
+    """all_gather a CPU buffer through the accelerator's device and stack it per rank."""
+    g = accelerator.gather(t.to(accelerator.device)[None].contiguous())
+    return g.cpu()

@@ -1,0 +1,80 @@
+"""Capture target-layer outputs during the ordinary forward pass.
+
+Design choices, each from a measured trap (docs in timm-accelerate-notes §3, §5):
+- The hook replaces the module output with a clone and keeps the original. Downstream in-place
+  ops (ReLU(inplace), ``x += shortcut``) then modify the clone, so the captured tensor is never
+  rebased and its gradient is the gradient of the pre-activation output.
+- Only the first call per forward is kept: with gradient checkpointing leaf hooks fire again
+  during recomputation. A forward pre-hook on the root model clears the slots.
+- Features live on this object, never in the model's return value, so DDP's output wrapping
+  cannot detach them from the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .select import LayerRef
+
+__all__ = ["FeatureCapture"]
+
+
+class FeatureCapture:
+    """Forward hooks that record each target layer's output for the current forward pass."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[LayerRef], clone: bool = True):
+        if os.environ.get("TIMM_REENTRANT_CKPT", "0") not in ("", "0"):
+            raise ConfigError(
+                "TIMM_REENTRANT_CKPT=1 (reentrant gradient checkpointing) breaks the double "
+                "backward Model Doctor needs; unset it"
+            )
+        self.model = model
+        self.layers = list(layers)
+        self.clone = clone
+        self.enabled = True
+        self._features: dict[str, torch.Tensor] = {}
+        self._handles = [model.register_forward_pre_hook(self._reset)]
+        for ref in self.layers:
+            self._handles.append(ref.module.register_forward_hook(self._make_hook(ref.name)))
+
+    def _reset(self, _mod, _inp) -> None:
+        self._features = {}
+
+    def _make_hook(self, name: str):
+        def hook(_mod, _inp, out):
+            if not self.enabled or name in self._features or not isinstance(out, torch.Tensor):
+                return None
+            self._features[name] = out
+            return out.clone() if self.clone else None
+
+        return hook
+
+    def features(self) -> list[torch.Tensor]:
+        """The captured outputs, in layer order; raises if a layer did not run."""
+        missing = [ref.name for ref in self.layers if ref.name not in self._features]
+        if missing:
+            raise RuntimeError(
+                f"target layer(s) {missing} did not run in the last forward pass (hooks on "
+                "containers under gradient checkpointing never fire; target leaf modules)"
+            )
+        return [self._features[ref.name] for ref in self.layers]
+
+    def clear(self) -> None:
+        self._features = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._features = {}
+
+    def __enter__(self) -> FeatureCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,236 @@
+"""One training epoch and one evaluation pass, on an ``accelerate.Accelerator``.
+
+The Model Doctor terms join the classification loss before the single ``accelerator.backward``
+(the DDP-safe pattern: out-of-place ``autograd.grad(create_graph=True)`` on hooked features, then
+one backward). Non-finite losses or gradients skip the step on every rank; too many in a row
+abort with the likely causes named.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import MDError
+from ..metrics import confusion_matrix, per_class_accuracy
+
+__all__ = ["TrainState", "train_one_epoch", "evaluate", "TrainingAborted"]
+
+_logger = logging.getLogger("train_md")
+
+
+class TrainingAborted(MDError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive a resume."""
+
+    num_updates: int = 0
+    bad_steps: int = 0  # consecutive
+    skipped_total: int = 0
+    stop_requested: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _progress(it, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _all_finite(accelerator, value: torch.Tensor) -> bool:
+    flag = torch.isfinite(value.detach().float()).all().float().reshape(1)
+    if accelerator.num_processes > 1:
+        flag = (
+            accelerator.reduce(flag.to(accelerator.device), reduction="sum")
+            / accelerator.num_processes
+        )
+    return bool(flag.item() == 1.0)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+    )
+
+
+def train_one_epoch(
+    epoch: int,
+    model: nn.Module,
+    loader,
+    optimizer,
+    criterion: Callable,
+    accelerator,
+    args,
+    state: TrainState,
+    lr_scheduler=None,
+    doctor=None,
+    model_ema=None,
+    skip_batches: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Train one epoch; returns mean loss terms and throughput for the summary."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = {"loss": 0.0, "ce": 0.0, "md_channel": 0.0, "md_spatial": 0.0}
+    n_seen = 0
+    n_batches = len(loader)
+    skipped_epoch = 0
+    scaler = getattr(accelerator, "scaler", None)
+    t0 = time.perf_counter()
+    if skip_batches:
+        loader = accelerator.skip_first_batches(loader, skip_batches)
+    show = accelerator.is_main_process and not args.no_progress and sys.stderr.isatty()
+    it = _progress(loader, n_batches - skip_batches, f"train {epoch}", show)
+    for step, batch in enumerate(it, start=skip_batches):
+        x, y = batch[0], batch[1]
+        fg, has = (batch[2], batch[3]) if len(batch) > 2 else (None, None)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(x)
+                ce = criterion(logits, y)
+                loss = ce
+                parts = None
+                if doctor is not None and doctor.active:
+                    grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+                    md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
+                    loss = ce + md_loss
+            if not _all_finite(accelerator, loss):
+                optimizer.zero_grad(set_to_none=True)
+                _bad_step(state, args, epoch, step, f"loss={loss.item()}", accelerator)
+                skipped_epoch += 1
+                continue
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if scaler is None and not _all_finite(accelerator, _grad_norm(params)):
+                    optimizer.zero_grad(set_to_none=True)
+                    _bad_step(state, args, epoch, step, "non-finite gradient", accelerator)
+                    skipped_epoch += 1
+                    continue
+                if args.clip_grad is not None:
+                    if args.clip_mode == "norm":
+                        accelerator.clip_grad_norm_(params, args.clip_grad)
+                    else:
+                        from timm.utils import dispatch_clip_grad
+
+                        accelerator.unscale_gradients()
+                        dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            if accelerator.optimizer_step_was_skipped:
+                state.skipped_total += 1  # fp16 scaler overflow: normal early in training
+            else:
+                state.bad_steps = 0
+                state.num_updates += 1
+                if model_ema is not None:
+                    model_ema.update(accelerator.unwrap_model(model), step=state.num_updates)
+                if lr_scheduler is not None:
+                    lr_scheduler.step_update(num_updates=state.num_updates)
+        bs = y.shape[0]
+        n_seen += bs
+        sums["loss"] += loss.item() * bs
+        sums["ce"] += ce.item() * bs
+        if parts is not None:
+            sums["md_channel"] += float(parts["md_channel"]) * bs
+            sums["md_spatial"] += float(parts["md_spatial"]) * bs
+        if on_step is not None:
+            on_step(step)
+        if (
+            accelerator.is_main_process
+            and args.log_interval
+            and (step % args.log_interval == 0 or step == n_batches - 1)
+        ):
+            if not show:
+                lr = optimizer.param_groups[0]["lr"]
+                _logger.info(
+                    "Train: %d [%d/%d] loss %.4f ce %.4f lr %.3g",
+                    epoch, step, n_batches, loss.item(), ce.item(), lr,
+                )  # fmt: skip
+        if state.stop_requested:
+            state.extra["interrupted_step"] = step + 1
+            break
+    dt = time.perf_counter() - t0
+    n = max(n_seen, 1)
+    out = {k: v / n for k, v in sums.items()}
+    out["img_per_s"] = n_seen * accelerator.num_processes / max(dt, 1e-9)
+    out["skipped_steps"] = skipped_epoch
+    return out
+
+
+def _bad_step(state: TrainState, args, epoch: int, step: int, what: str, accelerator) -> None:
+    state.bad_steps += 1
+    state.skipped_total += 1
+    if accelerator.is_main_process:
+        _logger.warning(
+            "epoch %d step %d: %s, step skipped (%d in a row)", epoch, step, what, state.bad_steps
+        )
+    if state.bad_steps >= args.max_bad_steps:
+        causes = []
+        if getattr(args, "md", False):
+            causes.append(f"--md-alpha too high ({args.md_alpha}) or --md-beta ({args.md_beta})")
+        causes.append(f"learning rate too high (lr {args.lr})")
+        if args.amp and args.amp_dtype == "float16":
+            causes.append("fp16 overflow (try --amp-dtype bfloat16)")
+        raise TrainingAborted(
+            f"{state.bad_steps} consecutive non-finite steps ({what}); likely: {'; '.join(causes)}. "
+            "The last good checkpoint is kept."
+        )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader,
+    accelerator,
+    num_classes: int,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Loss, top-1/top-5 and per-class accuracy over the whole (gathered) eval set."""
+    model.eval()
+    total_loss = 0.0
+    correct1 = correct5 = 0
+    n = 0
+    preds_all: list[torch.Tensor] = []
+    targets_all: list[torch.Tensor] = []
+    k5 = min(5, num_classes)
+    for batch in _progress(loader, len(loader), "eval", progress):
+        x, y = batch[0], batch[1]
+        with accelerator.autocast():
+            logits = model(x)
+        logits, y = accelerator.gather_for_metrics((logits.float(), y))
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(k5, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(1).sum().item()
+        n += y.numel()
+        preds_all.append(top[:, 0].cpu())
+        targets_all.append(y.cpu())
+    if n == 0:
+        raise MDError("the evaluation set is empty")
+    cm = confusion_matrix(torch.cat(preds_all), torch.cat(targets_all), num_classes)
+    pc = per_class_accuracy(cm)
+    return {
+        "loss": total_loss / n,
+        "top1": 100.0 * correct1 / n,
+        "top5": 100.0 * correct5 / n,
+        "per_class": [float(v) * 100.0 if not math.isnan(float(v)) else float("nan") for v in pc],
+        "confusion": cm,
+        "count": n,
+    }
