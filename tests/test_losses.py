@@ -249,6 +249,8 @@ def test_bad_inputs_are_clear_errors():
         create_loss("balanced_softmax", cls_num_list=[3, 0, 1])
     with pytest.raises(ConfigError, match="cb_beta"):
         create_loss("cb_ce", cls_num_list=COUNTS, cb_beta=1.0)
+    with pytest.raises(ConfigError, match="drw_epoch must be an epoch index >= 0, got -1"):
+        create_loss("ldam", cls_num_list=COUNTS, drw_epoch=-1)
 
 
 def test_weights_are_not_checkpointed():

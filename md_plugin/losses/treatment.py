@@ -168,7 +168,7 @@ class ModelDoctor:
         if use_spatial:
             sp = zero
             hm = has_mask.to(logits.device).float()
-            for ref, g in zip(self.layers, g_true):
+            for g in g_true:
                 if g.dim() != 4:
                     continue
                 bg = 1.0 - resize_mask(fg_masks.to(g.device), g.shape[-2:])
