@@ -56,7 +56,8 @@ def confusing_class(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """[B, 1, h, w] foreground mask -> [B, 1, H, W] foreground fraction (area interpolation)."""
-    return F.interpolate(mask.float(), size=tuple(size), mode="area")
+    mask = mask if mask.is_floating_point() else mask.float()
+    return F.interpolate(mask, size=tuple(size), mode="area")
 
 
 class ModelDoctor:
@@ -93,9 +94,8 @@ class ModelDoctor:
         diagnosis.check_compatible(model, self.layers, num_classes or diagnosis.num_classes)
         p = next(model.parameters())
         # relevant-channel masks as float [K, C] on the model's device
-        self.masks = [
-            diagnosis.layers[r.name].masks.to(p.device, torch.float32) for r in self.layers
-        ]
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        self.masks = [diagnosis.layers[r.name].masks.to(p.device, dtype) for r in self.layers]
         if self.beta > 0 and not any(r.spatial for r in self.layers):
             warnings.warn(
                 "beta > 0 but no target layer has a spatial map: no spatial loss", stacklevel=2
@@ -123,7 +123,9 @@ class ModelDoctor:
         ``grad_scale`` is the fp16 loss scale: the cotangents are scaled before ``autograd.grad``
         and the gradients unscaled after, as in PyTorch's AMP gradient-penalty recipe.
         """
-        zero = logits.new_zeros((), dtype=torch.float32)
+        # reduce in fp32 at least (bf16/fp16 features), in fp64 when the model is fp64
+        self._acc_dtype = torch.promote_types(logits.dtype, torch.float32)
+        zero = logits.new_zeros((), dtype=self._acc_dtype)
         parts = {"md_channel": zero.detach(), "md_spatial": zero.detach()}
         feats = self.capture.features()
         self.capture.clear()
@@ -167,19 +169,19 @@ class ModelDoctor:
             total = total + self.alpha * ch
         if use_spatial:
             sp = zero
-            hm = has_mask.to(logits.device).float()
+            hm = has_mask.to(logits.device, self._acc_dtype)
             for g in g_true:
                 if g.dim() != 4:
                     continue
-                bg = 1.0 - resize_mask(fg_masks.to(g.device), g.shape[-2:])
-                per = (bg * g.float().abs() * inv).flatten(1).sum(1)
+                bg = 1.0 - resize_mask(fg_masks.to(g.device, self._acc_dtype), g.shape[-2:])
+                per = (bg * g.to(self._acc_dtype).abs() * inv).flatten(1).sum(1)
                 sp = sp + (per * hm).sum() / b
             parts["md_spatial"] = sp.detach()
             total = total + self.beta * sp
         return total, parts
 
     def _reduce(self, g: torch.Tensor, inv: float) -> torch.Tensor:
-        g = g.float() * inv
+        g = g.to(self._acc_dtype) * inv
         g = g.clamp_min(0) if self.grad_mode == "relu" else g.abs()
         return g.flatten(2).sum(2) if g.dim() > 2 else g
 

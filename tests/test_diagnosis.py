@@ -1,0 +1,237 @@
+"""Diagnosis recovers known channel sets, sifts correctly, saves, loads and refuses wrong models."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import md_plugin  # noqa: F401
+from md_plugin.doctor import Diagnosis, compute_masks, diagnose
+from md_plugin.doctor.diagnosis import _TopN
+from md_plugin.errors import ConfigError, MDError
+
+# class k's logit depends only on the channels in S[k] (overlapping sets, none a subset of another)
+S = [{0, 1}, {1, 2, 3}, {4, 5}, {6}, {0, 7}]
+C, K = 8, len(S)
+
+
+def _weights() -> torch.Tensor:
+    w = torch.zeros(K, C)
+    for k, chans in enumerate(S):
+        for c in chans:
+            w[k, c] = 1.0 + 0.25 * c  # unequal but all >= 1: min-max ratio stays > theta
+    return w
+
+
+class ConvTruth(nn.Module):
+    """x -> conv (identity, the target) -> ReLU -> GAP -> fc with the known weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1, bias=False)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(C, K, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(C)[:, :, None, None])
+            self.fc.weight.copy_(_weights())
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+class FCTruth(nn.Module):
+    """x -> fc1 (identity, the penultimate FC) -> ReLU -> head with the known weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(C, C, bias=False)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(C, K, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.eye(C))
+            self.head.weight.copy_(_weights())
+
+    def forward(self, x):
+        return self.head(self.act(self.fc1(x)))
+
+
+def _data(spatial: bool, n_per_class: int = 12, seed: int = 0):
+    """Images of class k light up the channels of S[k] (plus noise); 4 batches."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for k, chans in enumerate(S):
+        base = torch.zeros(C)
+        base[list(chans)] = 3.0
+        for _ in range(n_per_class):
+            amp = 0.5 + torch.rand(1, generator=g)
+            v = base * amp + 0.05 * torch.rand(C, generator=g)
+            xs.append(v[:, None, None].expand(C, 4, 4).clone() if spatial else v)
+            ys.append(k)
+    x, y = torch.stack(xs), torch.tensor(ys)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(y), 16)]
+
+
+def _expected_masks() -> torch.Tensor:
+    m = torch.zeros(K, C, dtype=torch.bool)
+    for k, chans in enumerate(S):
+        m[k, list(chans)] = True
+    return m
+
+
+@pytest.mark.parametrize(
+    "model_cls, spec, spatial", [(ConvTruth, "conv", True), (FCTruth, "penultimate_fc", False)]
+)
+@pytest.mark.parametrize("rule", ["theta", "mean"])
+def test_diagnosis_recovers_known_channel_sets(model_cls, spec, spatial, rule):
+    model = model_cls()
+    d = diagnose(model, _data(spatial), spec, K, per_class=10, mask_rule=rule,
+                 input_size=(C, 4, 4) if spatial else (C,))  # fmt: skip
+    (ld,) = d.layers.values()
+    assert torch.equal(d.counts, torch.full((K,), 10))
+    if rule == "theta":
+        assert torch.equal(ld.masks, _expected_masks())
+    else:  # >= mean keeps only the larger weights of a set: still a subset of S[k], never outside
+        assert not (ld.masks & ~_expected_masks()).any()
+    # scores: each of the 10 images contributes W[k, c] (spatial: mean pool spreads 1/16 over 16 cells)
+    assert torch.allclose(ld.scores, 10 * _weights(), atol=1e-5)
+
+
+def test_topk_rule_and_abs_mode():
+    d = diagnose(ConvTruth(), _data(True), "conv", K, per_class=5, mask_rule="topk", topk=1,
+                 grad_mode="abs", input_size=(C, 4, 4))  # fmt: skip
+    ld = d.layers["conv"]
+    assert ld.masks.sum(1).tolist() == [1] * K
+    # the highest weight of each set is the largest channel index (weights grow with c)
+    assert ld.masks.float().argmax(1).tolist() == [max(s) for s in S]
+
+
+def test_sifting_keeps_top_n_correct_and_confident():
+    """Only correctly classified images count, and only the N most confident of a class."""
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+            self.logits = logits
+
+        def forward(self, x):
+            idx = x[:, 0, 0, 0].long()
+            f = self.conv(x)
+            return self.logits[idx] + 1e-6 * f.mean((1, 2, 3))[:, None]
+
+    # sample i has logits row i; labels below
+    logits = torch.tensor([[3.0, 0], [1, 0], [0, 2], [5, 0], [0, 1], [0, 4], [2, 0]])
+    labels = torch.tensor([0, 0, 1, 0, 1, 1, 1])  # sample 6 is misclassified
+    x = torch.arange(7).float()[:, None, None, None].expand(7, 1, 2, 2).clone()
+    buf_model = Fixed(logits)
+    d = diagnose(buf_model, [(x[:4], labels[:4]), (x[4:], labels[4:])], "conv", 2, per_class=2,
+                 input_size=(1, 2, 2))  # fmt: skip
+    assert d.counts.tolist() == [2, 2]
+    # min_confidence above softmax([0,1])[1] = 0.73 drops sample 4 from class 1's candidates
+    d2 = diagnose(
+        buf_model, [(x, labels)], "conv", 2, per_class=3, min_confidence=0.8, input_size=(1, 2, 2)
+    )
+    assert d2.counts.tolist() == [2, 2]  # class 0: samples 0 (0.95) and 3 (0.99); class 1: 2, 5
+
+
+def test_topn_buffer_keeps_highest_confidences_across_batches_and_ranks():
+    buf = _TopN(2, 2, [3])
+    buf.add(torch.tensor([0, 0, 1]), torch.tensor([0.5, 0.9, 0.7]), [torch.eye(3)])
+    buf.add(torch.tensor([0, 1]), torch.tensor([0.95, 0.6]), [torch.ones(2, 3) * 2])
+    assert buf.conf[0].tolist() == pytest.approx([0.95, 0.9])
+    assert buf.conf[1].tolist() == pytest.approx([0.7, 0.6])
+    # merging two ranks' buffers gives the global top-N
+    other = torch.tensor([[0.99, 0.1], [0.65, 0.0]])
+    conf = torch.stack([buf.conf, other])
+    vecs = [torch.stack([buf.vecs[0], torch.full((2, 2, 3), 7.0)])]
+    buf.merge_from(conf, vecs)
+    assert buf.conf[0].tolist() == pytest.approx([0.99, 0.95])
+    assert buf.conf[1].tolist() == pytest.approx([0.7, 0.65])
+    assert buf.vecs[0][0, 0].tolist() == [7.0, 7.0, 7.0]
+
+
+def test_class_without_images_gets_all_relevant_mask():
+    data = [(x[y != 3], y[y != 3]) for x, y in _data(True)]
+    with pytest.warns(UserWarning, match=r"no correctly classified image.*\[3\]"):
+        d = diagnose(ConvTruth(), data, "conv", K, per_class=5, input_size=(C, 4, 4))
+    ld = d.layers["conv"]
+    assert d.counts[3] == 0 and ld.masks[3].all()
+    assert torch.equal(ld.masks[[0, 1, 2, 4]], _expected_masks()[[0, 1, 2, 4]])
+
+
+def test_mask_rules_on_hand_values():
+    s = torch.tensor([[0.0, 1.0, 2.0, 10.0], [5.0, 5.0, 5.0, 5.0]])
+    # min-max: row 0 -> [0, .1, .2, 1]; > 0.15 keeps channels 2, 3; a flat row is all relevant
+    assert compute_masks(s, rule="theta", theta=0.15).tolist() == [
+        [False, False, True, True],
+        [True] * 4,
+    ]
+    assert compute_masks(s, rule="mean").tolist() == [[False, False, False, True], [True] * 4]
+    assert compute_masks(s, rule="topk", topk=2)[0].tolist() == [False, False, True, True]
+    with pytest.raises(ConfigError):
+        compute_masks(s, rule="theta", theta=1.5)
+
+
+def test_save_load_roundtrip_and_mismatch(tmp_path):
+    model = timm.create_model("resnet20_cifar", num_classes=K)
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, K, (8,))) for _ in range(2)]
+    with pytest.warns(UserWarning):
+        d = diagnose(model, data, "last_conv,layer2.2.conv2", K, per_class=3)
+    path = d.save(tmp_path / "d.safetensors")
+    e = Diagnosis.load(path)
+    assert e.layer_names == ["layer2.2.conv2", "layer3.2.conv2"]
+    for n in d.layer_names:
+        assert torch.equal(e.layers[n].masks, d.layers[n].masks)
+        assert torch.equal(e.layers[n].scores, d.layers[n].scores)
+    assert torch.equal(e.counts, d.counts) and e.fingerprint == d.fingerprint
+    assert e.options["per_class"] == 3
+    from md_plugin.layers import resolve_layers
+
+    e.check_compatible(model, resolve_layers(model, e.layer_names), K)
+    other = timm.create_model("resnet32_cifar", num_classes=K)
+    with pytest.raises(MDError, match="different parameter shapes"):
+        e.check_compatible(other, resolve_layers(other, e.layer_names), K)
+    with pytest.raises(MDError, match="classes"):
+        e.check_compatible(model, resolve_layers(model, e.layer_names), K + 1)
+    with pytest.raises(MDError, match="do not match"):
+        e.check_compatible(model, resolve_layers(model, "layer1.0.conv1"), K)
+    # remask reuses the scores
+    r = e.remask("topk", topk=4)
+    expect = [4 if c > 0 else 64 for c in e.counts.tolist()]  # no images: all relevant
+    assert r.layers["layer3.2.conv2"].masks.sum(1).tolist() == expect
+
+
+def test_corrupt_diagnosis_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(MDError, match="cannot read diagnosis"):
+        Diagnosis.load(p)
+    with pytest.raises(MDError, match="not found"):
+        Diagnosis.load(tmp_path / "missing.safetensors")
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="grad mode"):
+        diagnose(ConvTruth(), [], "conv", K, grad_mode="sq", input_size=(C, 4, 4))
+    with pytest.raises(ConfigError, match="per class"):
+        diagnose(ConvTruth(), [], "conv", K, per_class=0, input_size=(C, 4, 4))
+
+
+def test_diagnosis_is_deterministic():
+    m = timm.create_model("resnet20_cifar", num_classes=K)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, K, (8,), generator=g))
+        for _ in range(3)
+    ]
+    with pytest.warns(UserWarning):
+        a = diagnose(m, data, "last_conv", K, per_class=2)
+    with pytest.warns(UserWarning):
+        b = diagnose(m, data, "last_conv", K, per_class=2)
+    assert torch.equal(a.layers["layer3.2.conv2"].masks, b.layers["layer3.2.conv2"].masks)
+    assert torch.equal(a.layers["layer3.2.conv2"].scores, b.layers["layer3.2.conv2"].scores)
