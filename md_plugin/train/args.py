@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,13 @@ class _KwargsAction(argparse.Action):
             k, val = v.split("=", 1)
             out[k] = yaml.safe_load(val)
         setattr(namespace, self.dest, out)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line from the CLI) instead of printing the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message} (see train_md.py --help)")
 
 
 def _float_or_none(v: str) -> float | None:
@@ -78,7 +86,7 @@ _NO_OPS = {"no_prefetcher", "pin_mem", "worker_seeding", "local_rank", "device_m
 
 
 def create_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train_md.py",
         description="timm-compatible training with Model Doctor diagnosis and treatment",
     )
@@ -341,30 +349,67 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
 
 
+_BOOL_ACTIONS = (
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+    argparse.BooleanOptionalAction,
+)
+
+
 def _convert(action: argparse.Action, key: str, value: Any, src: str) -> Any:
-    """Apply the flag's own type to a YAML value (PyYAML reads 3e-4 as a string)."""
-    conv = action.type
-    if value is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{src}: key {key!r} expects true/false, got {value!r}")
+    """Type-check a YAML value against its flag and convert it (PyYAML reads 3e-4 as a string).
+
+    Returns a value of the flag's own type (booleans for switches, lists for multi-value flags,
+    values within ``choices``), or raises ConfigError.
+    """
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{src}: key {key!r} {why}, got {value!r}")
+
+    if isinstance(action, _BOOL_ACTIONS):
+        if not isinstance(value, bool):
+            raise bad("expects true/false")
         return value
     if isinstance(action, _KwargsAction):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{src}: key {key!r} expects a mapping, got {value!r}")
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("expects a mapping of names to values")
         return value
-    if conv is None:
-        return value
+    if value is None:
+        if action.default is not None:
+            raise bad("needs a value")
+        return None
+    if key == "md_layers" and isinstance(value, (list, tuple)):  # a YAML list of layer specs
+        if not all(isinstance(v, str) for v in value):
+            raise bad("expects layer names")
+        value = ",".join(value)
+
+    def one(v: Any) -> Any:
+        if isinstance(v, (list, tuple, dict, set)):
+            raise ValueError("a single value is expected")
+        if action.type is None:  # a string option
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise ValueError("a string is expected")
+            out = str(v)
+        else:
+            if isinstance(v, bool):
+                raise ValueError("a number is expected, not true/false")
+            if action.type is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError("not an integer")
+            out = action.type(v)
+        if action.choices is not None and out not in action.choices:
+            raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+        return out
+
     try:
         if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return [conv(v) for v in value]
-        if isinstance(value, (list, dict)):
-            raise ValueError("a single value is expected")
-        if conv is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("not an integer")
-        return conv(value)
-    except (TypeError, ValueError) as e:
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if isinstance(action.nargs, int) and len(items) != action.nargs:
+                raise ValueError(f"{action.nargs} values are expected")
+            if action.nargs == "+" and not items:
+                raise ValueError("at least one value is expected")
+            return [one(v) for v in items]
+        return one(value)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{src}: key {key!r} has a bad value {value!r} ({e})") from None
 
 
@@ -377,13 +422,21 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         key = str(k).replace("-", "_")
+        if key == "config":  # recorded in a run's args.yaml; re-using that file must work
+            continue
         if key == "md" and isinstance(v, dict):
-            flat["md"] = bool(v.pop("enabled", True))
+            v = dict(v)
+            enabled = v.pop("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ConfigError(f"{path}: key 'md.enabled' expects true/false, got {enabled!r}")
+            flat["md"] = enabled
             for mk, mv in v.items():
                 flat["md_" + str(mk).replace("-", "_")] = mv
         else:
@@ -411,8 +464,8 @@ def _validate(args: argparse.Namespace) -> None:
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be >= 1"),
-        (args.md_alpha >= 0, f"--md-alpha must be >= 0, got {args.md_alpha}"),
-        (args.md_beta >= 0, f"--md-beta must be >= 0, got {args.md_beta}"),
+        (0 <= args.md_alpha < math.inf, f"--md-alpha must be >= 0, got {args.md_alpha}"),
+        (0 <= args.md_beta < math.inf, f"--md-beta must be >= 0, got {args.md_beta}"),
         (0.0 <= args.md_theta <= 1.0, f"--md-theta must be in [0, 1], got {args.md_theta}"),
         (args.md_per_class >= 1, f"--md-per-class must be >= 1, got {args.md_per_class}"),
         (0.0 <= args.md_min_confidence <= 1.0, "--md-min-confidence must be in [0, 1]"),
@@ -437,7 +490,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: YAML defaults, then the command line."""
-    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser = _Parser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
     known, remaining = config_parser.parse_known_args(argv)
     parser = create_parser()

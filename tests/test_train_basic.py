@@ -1,0 +1,154 @@
+"""End-to-end runs of train_md.py and md-doctor on tiny data (single process)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from md_plugin.cli import main as doctor_main
+from md_plugin.train.main import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "resnet20_cifar", "--dataset", "torch/cifar10", "-b", "20", "--lr", "0.05",
+        "--sched", "cosine", "--warmup-epochs", "0", "--smoothing", "0", "--workers", "0",
+        "--no-progress", "--log-interval", "0", "--seed", "0", "--crop-padding", "2",
+        "--color-jitter", "0"]  # fmt: skip
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def baseline_run(cifar10_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(out),
+                     "--experiment", "base"])  # fmt: skip
+    assert rc == 0
+    return out / "base"
+
+
+def test_plain_run_writes_timm_style_outputs(baseline_run):
+    rows = _rows(baseline_run / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for col in ("train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"):
+        assert col in rows[0]
+    assert 0.0 <= float(rows[-1]["eval_top1"]) <= 100.0
+    args = yaml.safe_load((baseline_run / "args.yaml").read_text())
+    assert args["model"] == "resnet20_cifar" and args["epochs"] == 2 and args["lr"] == 0.05
+    ck = torch.load(baseline_run / "last.pth.tar", weights_only=True)
+    assert ck["epoch"] == 1 and ck["arch"] == "resnet20_cifar"
+    assert {"state_dict", "optimizer", "scheduler", "args", "summary"} <= set(ck)
+    assert (baseline_run / "model_best.pth.tar").exists()
+    per_class = _rows(baseline_run / "per_class_acc.csv")
+    assert len(per_class) == 2 and "airplane" in per_class[0]
+    best = json.loads((baseline_run / "best_per_class.json").read_text())
+    assert len(best["accuracy"]) == 10
+    counts = json.loads((baseline_run / "train_counts.json").read_text())
+    assert counts["counts"] == [20] * 10
+
+
+def test_args_yaml_reloads_as_config(baseline_run, tmp_path):
+    from md_plugin.train.args import parse_args
+
+    a = parse_args(["-c", str(baseline_run / "args.yaml"), "--epochs", "5"])
+    assert a.model == "resnet20_cifar" and a.epochs == 5 and a.crop_padding == 2
+
+
+def test_existing_run_is_never_overwritten(baseline_run, cifar10_root, capsys):
+    before = (baseline_run / "summary.csv").read_bytes()
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output",
+                     str(baseline_run.parent), "--experiment", "base"])  # fmt: skip
+    assert rc == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (baseline_run / "summary.csv").read_bytes() == before
+
+
+def test_md_run_from_checkpoint_diagnoses_and_treats(baseline_run, cifar10_root, tmp_path, capsys):
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--experiment", "md", "--md", "--md-per-class", "5", "--md-alpha", "0.1",
+                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    run = tmp_path / "md"
+    rows = _rows(run / "summary.csv")
+    assert float(rows[0]["train_md_channel"]) > 0
+    assert (run / "diagnosis.safetensors").exists()
+    assert (run / "report" / "report.html").exists()
+    out = capsys.readouterr().out
+    assert "before treatment" in out and "images" in out  # the per-class diagnosis table
+
+
+def test_md_without_a_trained_model_is_refused(cifar10_root, tmp_path, capsys):
+    rc = cli(
+        TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path), "--md"]
+    )
+    assert rc == 2 and "treats a trained model" in capsys.readouterr().err
+
+
+def test_md_refuses_validation_split_diagnosis(baseline_run, cifar10_root, tmp_path, capsys):
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--md", "--initial-checkpoint", str(baseline_run / "last.pth.tar"),
+                     "--md-diagnosis-split", "validation"])  # fmt: skip
+    assert rc == 2 and "refusing to diagnose on the validation split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--data-dir", "/nonexistent/place"], "CIFAR10 not found"),
+        (["--model", "resnet33_cifar"], "unknown model"),
+        (["-b", "5000"], "larger than the training set"),
+        (["--resume", "/nonexistent/last.pth.tar"], "checkpoint not found"),
+    ],
+)
+def test_user_errors_are_one_line(cifar10_root, tmp_path, capsys, extra, msg):
+    argv = (
+        TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path)] + extra
+    )
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+
+
+def test_md_doctor_cli_diagnose_and_report(baseline_run, cifar10_root, tmp_path, capsys):
+    common = ["--model", "resnet20_cifar", "--checkpoint", str(baseline_run / "last.pth.tar"),
+              "--dataset", "torch/cifar10", "--data-dir", str(cifar10_root)]  # fmt: skip
+    d = tmp_path / "d.safetensors"
+    assert doctor_main(["diagnose", *common, "--per-class", "5", "--out", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "airplane" in out and d.exists()
+    assert doctor_main(["diagnose", *common, "--out", str(d)]) == 2  # no overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert (
+        doctor_main(["diagnose", *common, "--split", "validation", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    rep = tmp_path / "rep"
+    assert doctor_main(["report", "--diagnosis", str(d), *common, "--out", str(rep)]) == 0
+    assert (rep / "report.html").exists() and any(rep.glob("heatmap_*.png"))
+
+
+@pytest.mark.slow
+def test_quickstart_under_accelerate_launch(tmp_path):
+    """The README's quickstart, shortened, as a single-process `accelerate launch` run."""
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_md.py"), "-c", str(ROOT / "configs" / "quickstart.yaml"),
+           "--epochs", "1", "--md-baseline-epochs", "1", "--output", str(tmp_path), "--no-progress"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Model Doctor: top1 before treatment" in p.stdout
+    run = tmp_path / "digits"
+    assert _rows(run / "summary.csv")[0]["epoch"] == "0"
+    assert (run / "baseline" / "summary.csv").exists() and (run / "report" / "report.html").exists()
