@@ -152,3 +152,48 @@ def test_quickstart_under_accelerate_launch(tmp_path):
     run = tmp_path / "digits"
     assert _rows(run / "summary.csv")[0]["epoch"] == "0"
     assert (run / "baseline" / "summary.csv").exists() and (run / "report" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_spatial_round_trip_through_the_trainer(baseline_run, cifar10_root, tmp_path, capsys):
+    """sift-low -> labelme JSON -> md-doctor masks -> train_md.py --md-masks --md-beta."""
+    pytest.importorskip("labelme")
+    common = ["--model", "resnet20_cifar", "--checkpoint", str(baseline_run / "last.pth.tar"),
+              "--dataset", "torch/cifar10", "--data-dir", str(cifar10_root)]  # fmt: skip
+    ws = tmp_path / "ws"
+    rc = doctor_main(["sift-low", *common, "--low", "0.0", "--high", "1.0", "--per-class", "3",
+                      "--size", "64", "--out", str(ws)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    pngs = sorted(ws.glob("*.png"))
+    n = len(pngs)  # up to 3 per class: a float32 softmax of exactly 1.0 is outside [0, 1)
+    assert 20 <= n <= 30
+    for png in pngs:  # a person outlines the object: a 32x32 square in the 64x64 image
+        shape = {"label": "object", "points": [[16, 16], [47, 47]], "group_id": None,
+                 "shape_type": "rectangle", "flags": {}}  # fmt: skip
+        doc = {"version": "5.5.0", "flags": {}, "shapes": [shape], "imagePath": png.name,
+               "imageData": None, "imageHeight": 64, "imageWidth": 64}  # fmt: skip
+        png.with_suffix(".json").write_text(json.dumps(doc))
+    masks = tmp_path / "masks"
+    assert (
+        doctor_main(
+            ["masks", "--annotations", str(ws), "--out", str(masks), "--dataset-size", "200"]
+        )
+        == 0
+    )
+    assert f"{n} masks written, 0 skipped" in capsys.readouterr().out
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--experiment", "spatial", "--md", "--md-per-class", "5", "--md-alpha", "0",
+                     "--md-beta", "0.5", "--md-masks", str(masks), "--no-md-report",
+                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert f"foreground masks: {n} of 200" in capsys.readouterr().out
+    row = _rows(tmp_path / "spatial" / "summary.csv")[0]
+    assert float(row["train_md_spatial"]) > 0 and float(row["train_md_channel"]) == 0
+
+
+def test_gradient_accumulation_run(cifar10_root, tmp_path):
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--experiment", "accum", "--grad-accum-steps", "2", "-b", "10"])  # fmt: skip
+    assert rc == 0
+    ck = torch.load(tmp_path / "accum" / "last.pth.tar", weights_only=True)
+    assert ck["num_updates"] == 10  # 200 images / batch 10 = 20 micro-batches = 10 optimizer steps
