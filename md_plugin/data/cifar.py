@@ -41,7 +41,18 @@ def resolve_cifar_root(root: str | Path, variant: str) -> Path:
 
 
 class _PresenceCheck:
+    """Shared by both variants: accept the batches folder as root, check presence not md5."""
+
+    variant = ""
     verify_md5: bool = False
+
+    def __init__(self, root, train: bool = True, transform=None, target_transform=None,
+                 download: bool = False, verify_md5: bool = False):  # fmt: skip
+        self.verify_md5 = verify_md5
+        if not download:
+            root = resolve_cifar_root(root, self.variant)
+        super().__init__(str(root), train=train, transform=transform,  # type: ignore[call-arg]
+                         target_transform=target_transform, download=download)  # fmt: skip
 
     def _check_integrity(self) -> bool:  # torchvision hook
         if self.verify_md5:
@@ -64,22 +75,10 @@ class _PresenceCheck:
 class CIFAR10(_PresenceCheck, tvd.CIFAR10):
     """torchvision CIFAR10 that accepts any well-formed folder (``root`` may be the batches dir)."""
 
-    def __init__(self, root, train: bool = True, transform=None, target_transform=None,
-                 download: bool = False, verify_md5: bool = False):  # fmt: skip
-        self.verify_md5 = verify_md5
-        if not download:
-            root = resolve_cifar_root(root, "cifar10")
-        super().__init__(str(root), train=train, transform=transform,
-                         target_transform=target_transform, download=download)  # fmt: skip
+    variant = "cifar10"
 
 
 class CIFAR100(_PresenceCheck, tvd.CIFAR100):
     """torchvision CIFAR100 that accepts any well-formed folder (``root`` may be the python dir)."""
 
-    def __init__(self, root, train: bool = True, transform=None, target_transform=None,
-                 download: bool = False, verify_md5: bool = False):  # fmt: skip
-        self.verify_md5 = verify_md5
-        if not download:
-            root = resolve_cifar_root(root, "cifar100")
-        super().__init__(str(root), train=train, transform=transform,
-                         target_transform=target_transform, download=download)  # fmt: skip
+    variant = "cifar100"
