@@ -183,7 +183,15 @@ class TransformedDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int):
-        img, target = self.base[i]
+        try:
+            img, target = self.base[i]
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable or truncated file
+            samples = getattr(self.base, "samples", None) or getattr(self.base, "imgs", None)
+            where = f" {samples[i][0]}" if samples is not None and i < len(samples) else f" #{i}"
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(
+                f"cannot read image{where}: {msg}; remove or replace the file"
+            ) from None
         if self.masks is None:
             return self.transform(img), target
         m = self.masks.get(i)

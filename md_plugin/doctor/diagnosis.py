@@ -30,7 +30,14 @@ from ..errors import ConfigError, MDError
 from ..layers import FeatureCapture, LayerRef, resolve_layers
 from .masks import MASK_RULES, compute_masks
 
-__all__ = ["Diagnosis", "LayerDiagnosis", "diagnose", "model_fingerprint", "GRAD_MODES"]
+__all__ = [
+    "Diagnosis",
+    "LayerDiagnosis",
+    "diagnose",
+    "model_fingerprint",
+    "shard_dataset",
+    "GRAD_MODES",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -237,8 +244,10 @@ def diagnose(
 ) -> Diagnosis:
     """Diagnose ``model`` on the images of ``loader`` (use the TRAINING split, eval transforms).
 
-    ``loader`` yields ``(images, targets, ...)``. With an ``accelerator`` the loader should be
-    prepared (sharded) and the per-rank buffers are gathered so every rank gets the same result.
+    ``loader`` yields ``(images, targets, ...)``. With an ``accelerator`` each rank's loader
+    should hold its own shard of the images, each image on exactly one rank (see
+    :func:`shard_dataset`; a prepared loader pads with repeats), and the per-rank buffers are
+    gathered so every rank gets the same result.
     """
     if grad_mode not in GRAD_MODES:
         raise ConfigError(f"grad mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -289,6 +298,7 @@ def diagnose(
         model.train(was_training)
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
         buf.merge_from(_gather(accelerator, buf.conf), [_gather(accelerator, v) for v in buf.vecs])
+        seen = int(_gather(accelerator, torch.tensor([seen])).sum())
     valid = buf.valid
     counts = valid.sum(1)
     empty = (counts == 0).nonzero().flatten().tolist()
@@ -323,6 +333,20 @@ def diagnose(
     )
     _logger.debug("diagnosed %d images, %d used", seen, int(counts.sum()))
     return Diagnosis(out, counts, model_fingerprint(model, refs), options)
+
+
+def shard_dataset(dataset: Any, num_processes: int = 1, process_index: int = 0) -> Any:
+    """This rank's share of ``dataset`` for :func:`diagnose`: items ``rank, rank + world, ...``.
+
+    Every item lands on exactly one rank. ``accelerator.prepare`` on a loader instead pads the
+    last batches with repeated items (``even_batches``), and a repeated image can fill two of a
+    class's top-N slots, so the multi-process diagnosis would differ from the single-process one.
+    """
+    if num_processes <= 1:
+        return dataset
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(process_index, len(dataset), num_processes))
 
 
 def _gather(accelerator: Any, t: torch.Tensor) -> torch.Tensor:

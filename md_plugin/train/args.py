@@ -197,7 +197,7 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=300)
     g.add_argument("--start-epoch", type=int, default=None)
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
-    g.add_argument("--decay-epochs", type=float, default=90)
+    g.add_argument("--decay-epochs", type=float, default=90.0)
     g.add_argument("--warmup-epochs", type=int, default=5)
     g.add_argument("--warmup-prefix", action="store_true", default=False)
     g.add_argument("--cooldown-epochs", type=int, default=0)

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from ..errors import MDError
 from ..metrics import confusion_matrix, per_class_accuracy
 
-__all__ = ["TrainState", "train_one_epoch", "evaluate", "TrainingAborted"]
+__all__ = [
+    "TrainState",
+    "train_one_epoch",
+    "evaluate",
+    "TrainingAborted",
+    "get_rng_state",
+    "set_rng_state",
+]
 
 _logger = logging.getLogger("train_md")
 
@@ -70,6 +77,46 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (keeps ranks in lock step)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Global torch/python/numpy (and CUDA) RNG states, as plain values ``weights_only`` loads."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(st["torch"])
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, g = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, g))
+    cuda = st.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def train_one_epoch(
     epoch: int,
     model: nn.Module,
@@ -84,92 +131,121 @@ def train_one_epoch(
     model_ema=None,
     skip_batches: int = 0,
     on_step: Callable[[int], None] | None = None,
+    partial: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Train one epoch; returns mean loss terms and throughput for the summary."""
+    """Train one epoch; returns mean loss terms and throughput for the summary.
+
+    Resuming mid-epoch (``skip_batches`` > 0) replays the loader through the finished batches
+    without training on them, so the sampler order and the augmentation randomness of the
+    remaining batches are those of the uninterrupted run, then restores the RNG state saved at
+    the interruption (``partial['rng']``) and the running loss sums (``partial['sums']``).
+    When a stop is requested (signal handler), every rank stops after the same step and
+    ``state.extra`` gets ``interrupted``, ``interrupted_step`` and ``partial``.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "ce": 0.0, "md_channel": 0.0, "md_spatial": 0.0}
     n_seen = 0
-    n_batches = len(loader)
     skipped_epoch = 0
+    if partial:
+        sums.update(partial.get("sums", {}))
+        n_seen = int(partial.get("n_seen", 0))
+        skipped_epoch = int(partial.get("skipped", 0))
+    n_batches = len(loader)
     scaler = getattr(accelerator, "scaler", None)
-    t0 = time.perf_counter()
-    if skip_batches:
-        loader = accelerator.skip_first_batches(loader, skip_batches)
     show = accelerator.is_main_process and not args.no_progress and sys.stderr.isatty()
-    it = _progress(loader, n_batches - skip_batches, f"train {epoch}", show)
-    for step, batch in enumerate(it, start=skip_batches):
+    it = _progress(loader, n_batches, f"train {epoch}", show)
+    t0 = time.perf_counter()
+    n_new = 0
+    for step, batch in enumerate(it):
+        if step < skip_batches:  # finished before the interruption: load, do not train
+            if step == skip_batches - 1 and partial and partial.get("rng") is not None:
+                set_rng_state(partial["rng"])
+                t0 = time.perf_counter()
+            continue
         x, y = batch[0], batch[1]
         fg, has = (batch[2], batch[3]) if len(batch) > 2 else (None, None)
+        ok, what = True, ""
+        parts = None
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
                 ce = criterion(logits, y)
                 loss = ce
-                parts = None
                 if doctor is not None and doctor.active:
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
                     md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
                     loss = ce + md_loss
             if not _all_finite(accelerator, loss):
-                optimizer.zero_grad(set_to_none=True)
-                _bad_step(state, args, epoch, step, f"loss={loss.item()}", accelerator)
-                skipped_epoch += 1
-                continue
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if scaler is None and not _all_finite(accelerator, _grad_norm(params)):
-                    optimizer.zero_grad(set_to_none=True)
-                    _bad_step(state, args, epoch, step, "non-finite gradient", accelerator)
-                    skipped_epoch += 1
-                    continue
-                if args.clip_grad is not None:
-                    if args.clip_mode == "norm":
-                        accelerator.clip_grad_norm_(params, args.clip_grad)
-                    else:
-                        from timm.utils import dispatch_clip_grad
-
-                        accelerator.unscale_gradients()
-                        dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            if accelerator.optimizer_step_was_skipped:
-                state.skipped_total += 1  # fp16 scaler overflow: normal early in training
+                ok, what = False, f"loss={loss.item()}"
             else:
-                state.bad_steps = 0
-                state.num_updates += 1
-                if model_ema is not None:
-                    model_ema.update(accelerator.unwrap_model(model), step=state.num_updates)
-                if lr_scheduler is not None:
-                    lr_scheduler.step_update(num_updates=state.num_updates)
-        bs = y.shape[0]
-        n_seen += bs
-        sums["loss"] += loss.item() * bs
-        sums["ce"] += ce.item() * bs
-        if parts is not None:
-            sums["md_channel"] += float(parts["md_channel"]) * bs
-            sums["md_spatial"] += float(parts["md_spatial"]) * bs
-        if on_step is not None:
-            on_step(step)
-        if (
-            accelerator.is_main_process
-            and args.log_interval
-            and (step % args.log_interval == 0 or step == n_batches - 1)
-        ):
-            if not show:
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if scaler is None and not _all_finite(accelerator, _grad_norm(params)):
+                        ok, what = False, "non-finite gradient"
+                    elif args.clip_grad is not None:
+                        if args.clip_mode == "norm":
+                            accelerator.clip_grad_norm_(params, args.clip_grad)
+                        else:
+                            from timm.utils import dispatch_clip_grad
+
+                            accelerator.unscale_gradients()
+                            dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
+                if ok:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not ok:
+            skipped_epoch += 1
+            _bad_step(state, args, epoch, step, what, accelerator)
+        else:
+            if accelerator.sync_gradients:
+                if accelerator.optimizer_step_was_skipped:
+                    state.skipped_total += 1  # fp16 scaler overflow: normal early in training
+                else:
+                    state.bad_steps = 0
+                    state.num_updates += 1
+                    if model_ema is not None:
+                        model_ema.update(accelerator.unwrap_model(model), step=state.num_updates)
+                    if lr_scheduler is not None:
+                        lr_scheduler.step_update(num_updates=state.num_updates)
+            bs = y.shape[0]
+            n_seen += bs
+            n_new += bs
+            sums["loss"] += loss.item() * bs
+            sums["ce"] += ce.item() * bs
+            if parts is not None:
+                sums["md_channel"] += float(parts["md_channel"]) * bs
+                sums["md_spatial"] += float(parts["md_spatial"]) * bs
+            if (
+                accelerator.is_main_process
+                and args.log_interval
+                and (step % args.log_interval == 0 or step == n_batches - 1)
+                and not show
+            ):
                 lr = optimizer.param_groups[0]["lr"]
                 _logger.info(
                     "Train: %d [%d/%d] loss %.4f ce %.4f lr %.3g",
                     epoch, step, n_batches, loss.item(), ce.item(), lr,
                 )  # fmt: skip
-        if state.stop_requested:
+        if on_step is not None:
+            on_step(step)
+        # stop only where gradients were applied: no accumulated gradient is lost, and the
+        # accumulation counter of the resumed run lines up with the uninterrupted one
+        if accelerator.sync_gradients and _any_rank(accelerator, state.stop_requested):
+            state.stop_requested = True
+            state.extra["interrupted"] = True
             state.extra["interrupted_step"] = step + 1
+            state.extra["partial"] = {
+                "sums": dict(sums),
+                "n_seen": n_seen,
+                "skipped": skipped_epoch,
+                "rng": get_rng_state(),
+            }
             break
     dt = time.perf_counter() - t0
     n = max(n_seen, 1)
     out = {k: v / n for k, v in sums.items()}
-    out["img_per_s"] = n_seen * accelerator.num_processes / max(dt, 1e-9)
+    out["img_per_s"] = n_new * accelerator.num_processes / max(dt, 1e-9)
     out["skipped_steps"] = skipped_epoch
     return out
 

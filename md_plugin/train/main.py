@@ -174,8 +174,24 @@ def _install_signal_handlers(state: TrainState) -> None:
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one training (plus diagnosis when ``--md``); returns final metrics."""
+def main(args: argparse.Namespace, *, _nested: bool = False) -> dict[str, Any]:
+    """Run one training (plus diagnosis when ``--md``); returns final metrics.
+
+    The SIGINT/SIGTERM handlers installed for the run are restored on return, so an in-process
+    caller (a notebook, a test) gets its own handlers back.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args, _nested)
+    finally:
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, TypeError):  # not the main thread, or a handler set from C
+                pass
+
+
+def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -233,7 +249,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "== baseline: %d plain epochs before diagnosis ==", args.md_baseline_epochs
             )
         acc.free_memory()
-        main(base_args)
+        main(base_args, _nested=True)  # shares this process group: must not end it
         args.initial_checkpoint = str(out_dir / "baseline" / "last.pth.tar")
         set_seed(args.seed)
 
@@ -319,6 +335,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     saver = CheckpointManager(out_dir, args.checkpoint_hist, decreasing=args.eval_metric == "loss")
     summary = _Summary(out_dir / "summary.csv")
     start_epoch, skip_batches = 0, 0
+    resume_partial: dict[str, Any] | None = None
     before: dict[str, Any] | None = None
     if args.resume:
         ck = load_checkpoint_file(args.resume)
@@ -328,22 +345,38 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             )
         load_weights(unwrapped, args.resume)
         if not args.no_resume_opt:
-            optimizer.load_state_dict(ck["optimizer"])
+            if not isinstance(ck.get("optimizer"), dict) or not isinstance(
+                ck.get("scheduler"), dict
+            ):
+                raise MDError(
+                    f"{args.resume} has no optimizer/scheduler state (not a train_md.py "
+                    "checkpoint?); start from its weights with --initial-checkpoint instead"
+                )
+            try:
+                optimizer.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise MDError(
+                    f"cannot restore the optimizer state from {args.resume} (another --opt or "
+                    f"model?): {' '.join(str(e).split())[:200]}"
+                ) from None
             lr_scheduler.load_state_dict(ck["scheduler"])
             if acc.scaler is not None and ck.get("scaler"):
                 acc.scaler.load_state_dict(ck["scaler"])
         if model_ema is not None and ck.get("state_dict_ema"):
             model_ema.module.load_state_dict(ck["state_dict_ema"])
         saver.load_state_dict(ck.get("saver", {}))
+        # a mid-epoch checkpoint (SIGINT/SIGTERM) carries "partial": the epoch restarts there
+        is_partial = bool(ck.get("partial") or ck.get("partial_step"))
         summary.rows = [
             r
             for r in ck.get("summary", [])
-            if int(r["epoch"]) < ck["epoch"] + (0 if ck.get("partial_step") else 1)
+            if int(r["epoch"]) < ck["epoch"] + (0 if is_partial else 1)
         ]
         state.num_updates = ck.get("num_updates", 0)
         before = ck.get("before")
-        if ck.get("partial_step"):
-            start_epoch, skip_batches = ck["epoch"], ck["partial_step"]
+        if is_partial:
+            start_epoch, skip_batches = ck["epoch"], int(ck.get("partial_step") or 0)
+            resume_partial = ck.get("partial") or None
         else:
             start_epoch = ck["epoch"] + 1
         if is_main:
@@ -398,9 +431,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_m = train_one_epoch(
             epoch, model, train_loader, optimizer, criterion, acc, args, state,
             lr_scheduler=lr_scheduler, doctor=doctor, model_ema=model_ema, skip_batches=skip_batches,
+            partial=resume_partial,
         )  # fmt: skip
-        skip_batches = 0
-        if state.stop_requested:
+        skip_batches, resume_partial = 0, None
+        # "interrupted" is agreed by all ranks in the step loop; a signal that lands after the
+        # epoch's last step is honoured after the first step of the next epoch
+        if state.extra.pop("interrupted", False):
             _save(
                 acc,
                 saver,
@@ -415,6 +451,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 before,
                 None,
                 partial_step=state.extra.get("interrupted_step", 0),
+                partial=state.extra.get("partial"),
             )
             raise MDError(
                 f"interrupted: resumable checkpoint saved, continue with --resume {out_dir / 'last.pth.tar'}"
@@ -458,6 +495,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 eval_m["top5"], lr, train_m["img_per_s"],
                 f" | skipped {train_m['skipped_steps']}" if train_m["skipped_steps"] else "",
             )  # fmt: skip
+        # step the schedule before saving: the checkpoint then holds the next epoch's lr (and a
+        # plateau schedule has seen this epoch's metric), so a resumed run continues exactly
+        lr_scheduler.step(epoch + 1, metric)
         prev_best = saver.best
         _save(
             acc,
@@ -481,7 +521,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ):
             _atomic_text(out_dir / "best_per_class.json", json.dumps(
                 {"epoch": epoch, "classes": class_names, "accuracy": eval_m["per_class"]}, indent=1))  # fmt: skip
-        lr_scheduler.step(epoch + 1, metric)
     result = {
         "out_dir": str(out_dir),
         "top1": eval_m.get("top1"),
@@ -518,7 +557,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if doctor is not None:
         doctor.remove()
     acc.wait_for_everyone()
-    acc.end_training()
+    if not nested:
+        acc.end_training()
     return result
 
 
@@ -536,6 +576,7 @@ def _save(
     before,
     metric,
     partial_step: int = 0,
+    partial: dict[str, Any] | None = None,
 ) -> None:
     if not acc.is_main_process:
         acc.wait_for_everyone()
@@ -554,9 +595,10 @@ def _save(
         "num_updates": state.num_updates,
         "before": before,
         "partial_step": partial_step,
+        "partial": partial,  # mid-epoch: running loss sums and RNG state at the interruption
         "version": 2,
     }
-    if partial_step:
+    if partial is not None or partial_step:
         atomic_save(ck, saver.out_dir / "last.pth.tar")
     else:
         saver.save(ck, epoch, metric)
@@ -595,6 +637,7 @@ def _setup_doctor(
 
     from ..data.datasets import TransformedDataset, create_dataset
     from ..doctor import Diagnosis, diagnose
+    from ..doctor.diagnosis import shard_dataset
     from ..losses.treatment import ModelDoctor
     from .tables import format_diagnosis_table
 
@@ -631,13 +674,14 @@ def _setup_doctor(
                 imb_seed=args.imb_seed,
             )
         )
+        # each image on exactly one rank (a prepared loader would pad with repeated images,
+        # which could then enter a class's top-N twice)
         diag_loader = DataLoader(
-            TransformedDataset(base, eval_tf),
+            shard_dataset(TransformedDataset(base, eval_tf), acc.num_processes, acc.process_index),
             batch_size=args.validation_batch_size or args.batch_size,
             shuffle=False,
             num_workers=args.workers,
         )
-        diag_loader = acc.prepare(diag_loader)
         diag = diagnose(
             unwrapped, diag_loader, args.md_layers, num_classes, per_class=args.md_per_class,
             min_confidence=args.md_min_confidence, grad_mode=args.md_grad_mode,
@@ -695,13 +739,26 @@ def _write_report(
         _logger.warning("could not write the report: %s", e)
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of a user error on one line.
+
+    A DataLoader worker re-raises an error as the same type with the worker's traceback text
+    as its message: keep only the original message, its last line.
+    """
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; bugs keep their traceback."""
     try:
         args = parse_args(argv)
         main(args)
     except MDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
