@@ -1,0 +1,115 @@
+"""Shared helpers for the benchmarks: environment, interleaved timing, CPU peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import timm
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Time each callable once per round, all in the same round back to back.
+
+    The order rotates every round so no variant always runs right after another one. Returns
+    the wall times (s) of the ``rounds`` measured rounds (``warmup`` rounds are discarded).
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[n].append(dt)
+    return times
+
+
+def ratio_stats(times: dict[str, list[float]], base: str = "plain") -> dict[str, dict]:
+    """Per variant: median time, and the median / min / max of the per-round ratio to ``base``."""
+    out = {}
+    for n, ts in times.items():
+        rs = [t / b for t, b in zip(ts, times[base])]
+        out[n] = {
+            "median_s": statistics.median(ts),
+            "ratio": statistics.median(rs),
+            "ratio_min": min(rs),
+            "ratio_max": max(rs),
+            "cv": statistics.pstdev(ts) / statistics.mean(ts),
+        }
+    return out
+
+
+def peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated through PyTorch's CPU allocator while ``fn`` runs, above the start.
+
+    Uses the profiler's allocation/free events (``profile_memory=True``) and a running sum in
+    time order. Memory that exists before ``fn`` (parameters, optimizer state, inputs) is not
+    counted; blocks allocated before and freed inside ``fn`` are invisible to the profiler, so
+    call it when no autograd graph or gradient from an earlier step is alive. Allocations that
+    bypass the c10 allocator (oneDNN's internal scratch, Python objects) are not seen either.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the C++ profiler's start/stop lines (file descriptor 2) for a moment."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def fmt_ratio(s: dict) -> str:
+    return f"{s['ratio']:.2f}x ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
