@@ -140,3 +140,24 @@ def test_missing_layer_in_forward_is_reported():
     with FeatureCapture(m, refs) as cap:
         with pytest.raises(RuntimeError, match="did not run"):
             cap.features()
+
+
+def test_graph_from_first_records_nothing_below_the_targets():
+    """Diagnosis mode: same gradients, but the first target is a leaf (no graph below it)."""
+    torch.manual_seed(0)
+    m = timm.create_model("resnet20_cifar").eval()
+    refs = resolve_layers(m, "layer2.2.conv2,layer3.2.conv2")
+    x = torch.randn(3, 3, 32, 32)
+    with FeatureCapture(m, refs) as cap:
+        out = m(x)
+        ref_grads = torch.autograd.grad(out[:, 2].sum(), cap.features())
+    with FeatureCapture(m, refs, graph_from_first=True) as cap:
+        with torch.no_grad():
+            out2 = m(x)
+        first, second = cap.features()
+        assert first.grad_fn is None and first.requires_grad  # a leaf: nothing recorded below
+        assert second.grad_fn is not None
+        grads = torch.autograd.grad(out2[:, 2].sum(), [first, second])
+    assert torch.is_grad_enabled()
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -271,7 +271,7 @@ def diagnose(
     model.eval()
     seen = 0
     try:
-        with FeatureCapture(model, refs) as cap, torch.enable_grad():
+        with FeatureCapture(model, refs, graph_from_first=True) as cap:
             it = loader
             if progress:
                 from tqdm.auto import tqdm
@@ -279,7 +279,8 @@ def diagnose(
                 it = tqdm(loader, desc="diagnose", leave=False, dynamic_ncols=True)
             for batch in it:
                 x, y = batch[0].to(device), batch[1].to(device)
-                logits = model(x)
+                with torch.no_grad():  # recording starts at the first target layer
+                    logits = model(x)
                 feats = cap.features()
                 own = logits.gather(1, y[:, None]).sum()
                 grads = torch.autograd.grad(own, feats)

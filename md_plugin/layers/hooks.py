@@ -8,6 +8,9 @@ Design choices, each from a measured trap (docs in timm-accelerate-notes §3, §
   during recomputation. A forward pre-hook on the root model clears the slots.
 - Features live on this object, never in the model's return value, so DDP's output wrapping
   cannot detach them from the graph.
+- ``graph_from_first=True`` (diagnosis): run the forward under ``torch.no_grad()``; the first
+  target layer's output becomes a new leaf and recording starts there, so nothing below the
+  targets is kept for backward (no parameter gradients are needed to diagnose).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ __all__ = ["FeatureCapture"]
 class FeatureCapture:
     """Forward hooks that record each target layer's output for the current forward pass."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[LayerRef], clone: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[LayerRef],
+        clone: bool = True,
+        graph_from_first: bool = False,
+    ):
         if os.environ.get("TIMM_REENTRANT_CKPT", "0") not in ("", "0"):
             raise ConfigError(
                 "TIMM_REENTRANT_CKPT=1 (reentrant gradient checkpointing) breaks the double "
@@ -36,6 +45,7 @@ class FeatureCapture:
         self.model = model
         self.layers = list(layers)
         self.clone = clone
+        self.graph_from_first = graph_from_first
         self.enabled = True
         self._features: dict[str, torch.Tensor] = {}
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -49,6 +59,11 @@ class FeatureCapture:
         def hook(_mod, _inp, out):
             if not self.enabled or name in self._features or not isinstance(out, torch.Tensor):
                 return None
+            if self.graph_from_first and not torch.is_grad_enabled():
+                # the first target of a no_grad forward: start the graph here (restored to
+                # no_grad when the caller's context exits)
+                torch.set_grad_enabled(True)
+                out = out.detach().requires_grad_(True)
             self._features[name] = out
             return out.clone() if self.clone else None
 
