@@ -197,3 +197,14 @@ def test_gradient_accumulation_run(cifar10_root, tmp_path):
     assert rc == 0
     ck = torch.load(tmp_path / "accum" / "last.pth.tar", weights_only=True)
     assert ck["num_updates"] == 10  # 200 images / batch 10 = 20 micro-batches = 10 optimizer steps
+
+
+def test_val_interval_skips_evaluation_but_not_the_last_epoch(cifar10_root, tmp_path, capsys):
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "3", "--val-interval", "2",
+                     "--output", str(tmp_path), "--experiment", "vi", "--checkpoint-hist", "2"])  # fmt: skip
+    assert rc == 0
+    rows = _rows(tmp_path / "vi" / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert [bool(r["eval_top1"]) for r in rows] == [False, True, True]  # epochs 2 and 3 (last)
+    assert [r[0] for r in csv.reader(open(tmp_path / "vi" / "per_class_acc.csv"))][1:] == ["1", "2"]
+    assert "the validation split is the test set" in capsys.readouterr().out

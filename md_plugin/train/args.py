@@ -329,7 +329,12 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="", help="output root (default ./output/train)")
     g.add_argument("--experiment", default="", help="run folder name under --output")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"])
-    g.add_argument("--val-interval", type=int, default=1)
+    g.add_argument(
+        "--val-interval",
+        type=int,
+        default=1,
+        help="evaluate every N epochs (and always after the last)",
+    )
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
 
     g = p.add_argument_group("timm flags without effect here (accepted for compatibility)")
@@ -478,6 +483,7 @@ def _validate(args: argparse.Namespace) -> None:
         (args.max_bad_steps >= 1, "--max-bad-steps must be >= 1"),
         (args.md_baseline_epochs >= 0, "--md-baseline-epochs must be >= 0"),
         (args.workers >= 0, "--workers must be >= 0"),
+        (args.val_interval >= 1, f"--val-interval must be >= 1, got {args.val_interval}"),
     ]
     for ok, msg in checks:
         if not ok:
