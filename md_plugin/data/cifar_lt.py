@@ -106,6 +106,14 @@ class _LongTail:
     targets: list[int]
     classes: list[str]
 
+    def __init__(self, root, train: bool = True, imb_ratio: float = 100.0, imb_type: str = "exp",
+                 imb_seed: int = 0, transform=None, target_transform=None,
+                 download: bool = False):  # fmt: skip
+        ratio, imb_type = _check_args(imb_ratio, imb_type)  # before the slow load: fail fast
+        super().__init__(root, train=train, transform=transform,
+                         target_transform=target_transform, download=download)  # fmt: skip
+        self._setup_long_tail(train, ratio, imb_type, imb_seed)
+
     def _setup_long_tail(self, train: bool, imb_ratio: float, imb_type: str, imb_seed: int) -> None:
         num_classes = len(self.classes)
         self.imb_ratio, self.imb_type, self.imb_seed = imb_ratio, imb_type, imb_seed
@@ -133,22 +141,6 @@ class _LongTail:
 class CIFAR10LT(_LongTail, CIFAR10):
     """CIFAR-10-LT: the LDAM-DRW long-tailed train split; the test split is the balanced one."""
 
-    def __init__(self, root, train: bool = True, imb_ratio: float = 100.0, imb_type: str = "exp",
-                 imb_seed: int = 0, transform=None, target_transform=None,
-                 download: bool = False):  # fmt: skip
-        ratio, imb_type = _check_args(imb_ratio, imb_type)  # before the slow load: fail fast
-        super().__init__(root, train=train, transform=transform,
-                         target_transform=target_transform, download=download)  # fmt: skip
-        self._setup_long_tail(train, ratio, imb_type, imb_seed)
-
 
 class CIFAR100LT(_LongTail, CIFAR100):
     """CIFAR-100-LT: the LDAM-DRW long-tailed train split; the test split is the balanced one."""
-
-    def __init__(self, root, train: bool = True, imb_ratio: float = 100.0, imb_type: str = "exp",
-                 imb_seed: int = 0, transform=None, target_transform=None,
-                 download: bool = False):  # fmt: skip
-        ratio, imb_type = _check_args(imb_ratio, imb_type)  # before the slow load: fail fast
-        super().__init__(root, train=train, transform=transform,
-                         target_transform=target_transform, download=download)  # fmt: skip
-        self._setup_long_tail(train, ratio, imb_type, imb_seed)
