@@ -14,7 +14,7 @@ import md_plugin  # noqa: F401
 from md_plugin.doctor import Diagnosis, LayerDiagnosis, diagnose, model_fingerprint
 from md_plugin.errors import ConfigError
 from md_plugin.layers import FeatureCapture, resolve_layers
-from md_plugin.losses.treatment import ModelDoctor, confusing_class
+from md_plugin.losses.treatment import ModelDoctor, check_wrapped_model, confusing_class
 
 
 def _diagnosis(model, spec, masks, input_size) -> Diagnosis:
@@ -265,6 +265,11 @@ def test_refuses_setups_that_break_double_backward():
         ModelDoctor(torch.compile(nn.Linear(2, 2)), d)
     with pytest.raises(ConfigError, match="alpha and beta"):
         ModelDoctor(nn.Linear(2, 2), d, alpha=-1)
+    wrapper = nn.Linear(2, 2)
+    wrapper.static_graph = True  # what DDP(static_graph=True) exposes
+    with pytest.raises(ConfigError, match="static_graph"):
+        check_wrapped_model(wrapper)
+    check_wrapped_model(nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,7 +44,7 @@ from ..doctor.diagnosis import Diagnosis
 from ..errors import ConfigError
 from ..layers import FeatureCapture, LayerRef, resolve_layers
 
-__all__ = ["ModelDoctor", "confusing_class", "resize_mask"]
+__all__ = ["ModelDoctor", "check_wrapped_model", "confusing_class", "resize_mask"]
 
 
 def confusing_class(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -203,9 +202,10 @@ def _refuse_unsupported(model: nn.Module) -> None:
             )
 
 
-def check_ddp_kwargs(kwargs: dict[str, Any]) -> None:
-    """DDP static_graph gives silently wrong gradients with autograd.grad(create_graph=True)."""
-    if kwargs.get("static_graph"):
+def check_wrapped_model(model: nn.Module) -> None:
+    """Refuse a DDP wrapper with ``static_graph``: wrong gradients with create_graph=True."""
+    if getattr(model, "static_graph", False):
         raise ConfigError(
-            "DDP static_graph=True gives wrong gradients with Model Doctor; disable it"
+            "DDP static_graph=True gives silently wrong gradients with Model Doctor's double "
+            "backward; disable it"
         )

@@ -650,7 +650,7 @@ def _setup_doctor(
     from ..data.datasets import TransformedDataset, create_dataset
     from ..doctor import Diagnosis, diagnose
     from ..doctor.diagnosis import shard_dataset
-    from ..losses.treatment import ModelDoctor
+    from ..losses.treatment import ModelDoctor, check_wrapped_model
     from .tables import format_diagnosis_table
 
     if not (args.initial_checkpoint or args.pretrained or args.resume or args.md_diagnosis):
@@ -709,6 +709,7 @@ def _setup_doctor(
             args.md_diagnosis or saved,
             format_diagnosis_table(diag, class_names),
         )
+    check_wrapped_model(model)
     doctor = ModelDoctor(
         unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
