@@ -9,7 +9,10 @@ round by round (order rotating):
 * ``ours``    CE + ``ModelDoctor.loss`` (two ``autograd.grad`` calls, spatial term reuses G(y));
 * ``batched`` the same with ``batched=True`` (one vmapped ``autograd.grad`` for both classes);
 * ``naive``   CE + the official-style reference (``benchmarks/naive_reference.py``: a separate
-  ``autograd.grad`` per term, three with the spatial term, per-sample Python loops).
+  ``autograd.grad`` per term, three with the spatial term, per-sample Python loops);
+* ``per_layer`` (opt-in, ``--variants naive,per_layer``) the naive reference with one
+  ``autograd.grad`` per layer and term, as the lab fork does: only differs for several layers
+  (a glob such as ``--layers 'layer3.*.conv2'`` targets every match).
 
 It reports the median over ``--steps`` rounds of the per-round time ratio to ``plain`` (with the
 min-max range), the peak step memory ratio (bytes through PyTorch's CPU allocator, see
@@ -112,9 +115,14 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
         variants["batched"] = ModelDoctor(
             model, diag, alpha, beta, batched=True, input_size=(3, args.input_size, args.input_size)
         )
-    mask = diag.layers[ref.name].masks
-    naive = NaiveModelDoctor([ref.module], [mask], ALPHA_OFF, BETA_OFF if spatial else 0.0)
+    mods = [r.module for r in refs]
+    masks = [diag.layers[r.name].masks for r in refs]
+    naive = NaiveModelDoctor(mods, masks, ALPHA_OFF, BETA_OFF if spatial else 0.0)
     variants["naive"] = naive
+    if "per_layer" in args.variants:
+        variants["per_layer"] = NaiveModelDoctor(
+            mods, masks, ALPHA_OFF, BETA_OFF if spatial else 0.0, per_layer=True
+        )
     fgm, hm = (fg, has) if spatial else (None, None)
 
     def enable(name: str | None) -> None:
@@ -136,7 +144,7 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
     _, l_ref, p_ref = md_loss("naive")
     g_ref = torch.autograd.grad(l_ref, params, allow_unused=True)
     if spatial:  # the exact mapping needs the same mask resize (ours: area, official: bilinear)
-        naive_area = NaiveModelDoctor([ref.module], [mask], ALPHA_OFF, BETA_OFF, resize="area")
+        naive_area = NaiveModelDoctor(mods, masks, ALPHA_OFF, BETA_OFF, resize="area")
         variants["naive_area"] = naive_area
         _, l_area, p_area = md_loss("naive_area")
         g_area = torch.autograd.grad(l_area, params, allow_unused=True)
@@ -171,7 +179,7 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
         return step
 
     fns = {"plain": plain_step}
-    for name in ("ours", "batched", "naive"):
+    for name in ("ours", "batched", "naive", "per_layer"):
         if name in variants and (name == "ours" or name in args.variants):
             fns[name] = make_md_step(name)
     times = interleaved(fns, args.steps, args.warmup)
@@ -189,6 +197,7 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
     enable(None)
     return {
         "layer": layer,
+        "num_layers": len(refs),
         "shape": list(ref.out_shape[1:]),
         "spatial": spatial,
         "time": stats,
@@ -215,6 +224,13 @@ def print_table(model_name: str, b: int, rows: list[dict]) -> None:
         nai = fmt_ratio(t["naive"]) if "naive" in t else "-"
         on = t["ours"]["median_s"] / t["naive"]["median_s"] if "naive" in t else float("nan")
         mr = r["mem_ratio"]
+        if "per_layer" in t:
+            pl = t["per_layer"]
+            print(
+                f"{r['layer']:<16}({r['num_layers']} layers) naive, one call per layer and term: "
+                f"{fmt_ratio(pl)}; ours/that {t['ours']['median_s'] / pl['median_s']:.2f}; "
+                f"loss rel {r['check'].get('per_layer_loss_rel', float('nan')):.1e}"
+            )
         print(
             f"{r['layer']:<16}{shape:<12}{'yes' if r['spatial'] else 'no':<8}"
             f"{t['plain']['median_s'] * 1e3:>9.0f}  {fmt_ratio(t['ours']):<18}{bat:<18}{nai:<18}"

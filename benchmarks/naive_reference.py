@@ -27,7 +27,9 @@ Formulation (A = output of a hooked conv, z = raw logits, B = batch size):
 
 Mapping to ``md_plugin`` (per-sample normalised, no 1/B inside G):
 ``alpha_md_plugin = alpha_official / B`` and ``beta_md_plugin = beta_official``.
-Several hooked layers are summed (the official code hooks one layer only).
+Several hooked layers are summed (the official code hooks one layer only); by default one
+``autograd.grad`` call per term covers all of them, ``per_layer=True`` makes one call per layer
+and term, as the lab fork does (2 * L calls for L layers, model-doctor-spec.md section 5).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class NaiveModelDoctor:
         alpha: float,
         beta: float = 0.0,
         resize: str = "bilinear",
+        per_layer: bool = False,
     ):
         if len(modules) != len(masks):
             raise ValueError("one mask per hooked module")
@@ -67,6 +70,7 @@ class NaiveModelDoctor:
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.resize = resize
+        self.per_layer = per_layer  # the lab fork's style: one gradient call per layer and term
         self.masks = [m.float() for m in masks]
         self.enabled = True
         self.features: list[torch.Tensor | None] = [None] * len(modules)
@@ -99,6 +103,8 @@ class NaiveModelDoctor:
         # -NLLLoss on raw logits = (1/B) * sum_b z[b, labels_b]
         objective = -F.nll_loss(logits, labels)
         feats = [f for f in self.features if f is not None]
+        if self.per_layer:  # 2 * L calls for L layers, each backward through the whole head
+            return [torch.autograd.grad(objective, f, create_graph=True)[0] for f in feats]
         return list(torch.autograd.grad(objective, feats, create_graph=True))
 
     @staticmethod

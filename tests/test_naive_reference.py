@@ -145,3 +145,22 @@ def test_official_bilinear_resize_differs_only_in_the_spatial_term():
     _, p_area = area.loss(model(x), y, fg, has)
     _assert_close(p_bil["channel"], p_area["channel"])
     assert p_bil["spatial"] > 0 and p_area["spatial"] > 0
+
+
+def test_per_layer_calls_give_the_same_loss():
+    """The lab fork's one-call-per-layer style is the same loss, only slower."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 1, 0])
+    masks = [torch.rand(3, 4) > 0.5, torch.rand(3, 4) > 0.5]
+    mods = [model[0], model[2]]
+    together = NaiveModelDoctor(mods, masks, alpha=1.0)
+    a = together.loss(model(x), y)[0]
+    together.remove()
+    per_layer = NaiveModelDoctor(mods, masks, alpha=1.0, per_layer=True)
+    b = per_layer.loss(model(x), y)[0]
+    per_layer.remove()
+    assert a.item() > 0 and torch.allclose(a, b, rtol=1e-6)
