@@ -208,3 +208,15 @@ def test_val_interval_skips_evaluation_but_not_the_last_epoch(cifar10_root, tmp_
     assert [bool(r["eval_top1"]) for r in rows] == [False, True, True]  # epochs 2 and 3 (last)
     assert [r[0] for r in csv.reader(open(tmp_path / "vi" / "per_class_acc.csv"))][1:] == ["1", "2"]
     assert "the validation split is the test set" in capsys.readouterr().out
+
+
+def test_md_run_under_bf16_autocast(baseline_run, cifar10_root, tmp_path, capsys):
+    """accelerate's bf16 mixed precision with the double backward of the channel loss."""
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--experiment", "bf16", "--amp", "--amp-dtype", "bfloat16", "--md",
+                     "--md-per-class", "5", "--no-md-report",
+                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    row = _rows(tmp_path / "bf16" / "summary.csv")[0]
+    assert float(row["train_md_channel"]) > 0 and float(row["train_skipped_steps"]) == 0
+    assert yaml.safe_load((tmp_path / "bf16" / "args.yaml").read_text())["amp_dtype"] == "bfloat16"
