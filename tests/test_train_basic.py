@@ -210,13 +210,19 @@ def test_val_interval_skips_evaluation_but_not_the_last_epoch(cifar10_root, tmp_
     assert "the validation split is the test set" in capsys.readouterr().out
 
 
-def test_md_run_under_bf16_autocast(baseline_run, cifar10_root, tmp_path, capsys):
-    """accelerate's bf16 mixed precision with the double backward of the channel loss."""
-    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
-                     "--experiment", "bf16", "--amp", "--amp-dtype", "bfloat16", "--md",
-                     "--md-per-class", "5", "--no-md-report",
-                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
+def test_md_run_under_bf16_autocast(baseline_run, cifar10_root, tmp_path):
+    """accelerate's bf16 mixed precision with the double backward of the channel loss.
+
+    A subprocess: accelerate keeps one precision per process (AcceleratorState is a singleton).
+    """
+    argv = TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                   "--experiment", "bf16", "--amp", "--amp-dtype", "bfloat16", "--md",
+                   "--md-per-class", "5", "--no-md-report",
+                   "--initial-checkpoint", str(baseline_run / "last.pth.tar")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    p = subprocess.run([sys.executable, str(ROOT / "train_md.py"), *argv], capture_output=True,
+                       text=True, env=env, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
     row = _rows(tmp_path / "bf16" / "summary.csv")[0]
     assert float(row["train_md_channel"]) > 0 and float(row["train_skipped_steps"]) == 0
     assert yaml.safe_load((tmp_path / "bf16" / "args.yaml").read_text())["amp_dtype"] == "bfloat16"
