@@ -18,14 +18,9 @@
 #      by the first treatment run and reused by every other run (--md-diagnosis).
 #   Results are read at the final epoch only (CIFAR's validation split is its test split).
 set -euo pipefail
+. "$(dirname "$0")/common.sh"  # run(), PY, DATA, one thread
 
-# One BLAS/OpenMP thread: the 2-core machine is shared, and with 2 threads PyTorch slowed to
-# 40-170 img/s whenever another process held a core (measured), against ~270 img/s with 1.
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-
-PY=${PYTHON:-python}
 OUT=experiments/runs/cifar10
-DATA=${DATA_DIR:-/work/shared/data}
 mkdir -p "$OUT"
 
 COMMON=(--model resnet20_cifar --dataset torch/cifar10 --data-dir "$DATA" -b 128 --opt sgd
@@ -34,20 +29,6 @@ COMMON=(--model resnet20_cifar --dataset torch/cifar10 --data-dir "$DATA" -b 128
 FT=(--initial-checkpoint "$OUT/baseline/last.pth.tar" --epochs 1 --lr 0.01 --warmup-epochs 0
   --md --md-layers last_conv --md-per-class 50 --md-theta 0.2 --no-md-report)
 DIAG="$OUT/md_a0.078_s0/diagnosis.safetensors"
-
-run() {  # run NAME ARGS...: one training, logged to $OUT/NAME.log
-  local name=$1
-  shift
-  if [[ -f "$OUT/$name/DONE" ]]; then
-    echo "skip $name (done)"
-    return
-  fi
-  rm -rf "${OUT:?}/$name"
-  echo "[$(date -Is)] start $name: $PY train_md.py ${COMMON[*]} $* --experiment $name" | tee "$OUT/$name.log"
-  "$PY" train_md.py "${COMMON[@]}" "$@" --experiment "$name" >>"$OUT/$name.log" 2>&1
-  touch "$OUT/$name/DONE"
-  echo "[$(date -Is)] end $name" | tee -a "$OUT/$name.log"
-}
 
 run baseline --epochs 6 --lr 0.1 --warmup-epochs 1 --seed 0
 run md_a0.078_s0 "${FT[@]}" --md-alpha 0.078 --seed 0
