@@ -93,11 +93,17 @@ def _finite(sd: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v.float()).all() for v in sd.values())
 
 
-@pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_non_finite_steps_are_skipped_counted_and_logged(data, tmp_path, monkeypatch, capsys, kind):
+@pytest.mark.parametrize(
+    "kind, clip",
+    [("loss", []), ("grad", []), ("grad", ["--clip-grad", "1.0"])],
+    ids=["loss", "grad", "grad-clip-norm"],
+)
+def test_non_finite_steps_are_skipped_counted_and_logged(
+    data, tmp_path, monkeypatch, capsys, kind, clip
+):
     _inject(monkeypatch, bad={2, 3}, kind=kind)  # two in a row in epoch 0 (5 steps per epoch)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    res = main(parse_args(_argv(data, tmp_path, "--max-bad-steps", "3")))
+    res = main(parse_args(_argv(data, tmp_path, "--max-bad-steps", "3", *clip)))
     log = capsys.readouterr().out
     rows = _rows(Path(res["out_dir"]))
     assert [int(r["train_skipped_steps"]) for r in rows] == [2, 0]

@@ -181,16 +181,20 @@ def train_one_epoch(
             else:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if scaler is None and not _all_finite(accelerator, _grad_norm(params)):
+                    if args.clip_grad is not None and args.clip_mode == "norm":
+                        # the pre-clip total norm it returns doubles as the finite check: a
+                        # non-finite step is skipped below, so its clipped gradients never apply
+                        gnorm = accelerator.clip_grad_norm_(params, args.clip_grad)
+                        gnorm = _grad_norm(params) if gnorm is None else gnorm  # DeepSpeed
+                        if scaler is None and not _all_finite(accelerator, gnorm):
+                            ok, what = False, "non-finite gradient"
+                    elif scaler is None and not _all_finite(accelerator, _grad_norm(params)):
                         ok, what = False, "non-finite gradient"
-                    elif args.clip_grad is not None:
-                        if args.clip_mode == "norm":
-                            accelerator.clip_grad_norm_(params, args.clip_grad)
-                        else:
-                            from timm.utils import dispatch_clip_grad
+                    elif args.clip_grad is not None:  # value / agc: check first, inf clamps finite
+                        from timm.utils import dispatch_clip_grad
 
-                            accelerator.unscale_gradients()
-                            dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
+                        accelerator.unscale_gradients()
+                        dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
                 if ok:
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
