@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from md_plugin.errors import ConfigError
+from md_plugin.errors import ConfigError, MDError
 from md_plugin.train import args as args_mod
 from md_plugin.train.args import create_parser, parse_args
+from md_plugin.train.checkpoint import load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet20_cifar", "--epochs", "1", "--workers", "0", "--no-progress",
@@ -68,7 +70,7 @@ def _world(root: Path) -> dict[str, Path]:
     raw = good.read_bytes()
     (p_trunc := root / "truncated.pth.tar").write_bytes(raw[: len(raw) // 2])
     p["truncated"] = p_trunc
-    (p_garbage := root / "garbage.pth.tar").write_bytes(os.urandom(4096))
+    (p_garbage := root / "garbage.pth.tar").write_bytes(random.Random(0).randbytes(4096))
     p["garbage"] = p_garbage
     p["weights_only"] = atomic_save({"state_dict": model.state_dict()}, root / "weights.pth.tar")
     other = timm.create_model("resnet32_cifar", num_classes=10)
@@ -472,3 +474,16 @@ def test_layer_resolver_returns_valid_refs_or_raises_config_error(cifar_model, s
         assert r.name in modules and modules[r.name] is r.module
         assert len(r.out_shape) in (2, 4) and r.spatial == (len(r.out_shape) == 4)
         assert r.channels == r.out_shape[1] >= 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_garbage_checkpoint_is_a_clear_error(tmp_path, seed):
+    """Random bytes make torch's unpickler raise many exception types; all become one MDError."""
+    rng = random.Random(seed)
+    path = tmp_path / "x.pth.tar"
+    data = rng.randbytes(rng.randint(1, 4096))
+    if seed % 2:  # start like a pickle so the unpickler gets further than the first byte
+        data = b"\x80\x02" + data
+    path.write_bytes(data)
+    with pytest.raises(MDError, match="cannot read checkpoint .*: corrupt or truncated"):
+        load_checkpoint_file(path)
