@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from torch.utils.data import DataLoader, RandomSampler
 
-    from ..data.datasets import TransformedDataset, create_dataset, get_class_names, get_targets
+    from ..data.datasets import TransformedDataset, create_datasets, get_class_names, get_targets
     from ..data.samplers import check_batch_size, create_sampler
     from ..data.transforms import create_eval_transform, create_train_transform
     from ..losses.classification import create_loss
@@ -214,8 +214,12 @@ def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
         download=args.dataset_download, imb_ratio=args.imb_ratio, imb_type=args.imb_type,
         imb_seed=args.imb_seed, input_size=(args.input_size[-1] if args.input_size else (args.img_size or 32)),
     )  # fmt: skip
-    train_base = create_dataset(args.dataset, args.data_dir, args.train_split, **ds_kw)
-    val_base = create_dataset(args.dataset, args.data_dir, args.val_split, **ds_kw)
+    splits = create_datasets(
+        args.dataset, args.data_dir, args.train_split, args.val_split,
+        class_map=args.class_map, class_cap=args.class_cap, val_from_train=args.val_from_train,
+        data_seed=args.data_seed, **ds_kw,
+    )  # fmt: skip
+    train_base, val_base, test_base = splits.train, splits.val, splits.test
     targets = get_targets(train_base)
     num_classes = args.num_classes or (max(targets) + 1 if targets else 0)
     if len(train_base) == 0:
@@ -229,10 +233,21 @@ def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
             num_classes,
             counts,
         )
-        _logger.info("validation set: %d images (split %r)", len(val_base), args.val_split)
+        if test_base is None:
+            _logger.info("validation set: %d images (split %r)", len(val_base), args.val_split)
+        else:
+            _logger.info(
+                "validation set: %d images held out from the training split (stratified, "
+                "--data-seed %d; per class %s): they select the best epoch; test set: %d images "
+                "(split %r), evaluated once at the end",
+                len(val_base), args.data_seed, splits.info["val_from_train"]["per_class"],
+                len(test_base), args.val_split,
+            )  # fmt: skip
+        if args.class_map:
+            _logger.info("class map %s: classes %s", args.class_map, class_names)
     # torchvision CIFAR has no validation split: 'validation' is the test set (model_best and the
     # "best metric" are then chosen on test data, as in timm; results should use the final epoch)
-    val_is_test = args.dataset.lower().split("/")[-1].startswith("cifar")
+    val_is_test = test_base is None and args.dataset.lower().split("/")[-1].startswith("cifar")
     if args.batch_size > len(train_base):
         raise ConfigError(
             f"--batch-size {args.batch_size} is larger than the training set ({len(train_base)} images)"
@@ -288,6 +303,8 @@ def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
         _atomic_text(
             out_dir / "train_counts.json", json.dumps({"counts": counts, "classes": class_names})
         )
+        if test_base is not None:  # which images were held out, by position in the train split
+            _atomic_text(out_dir / "held_out.json", json.dumps(splits.info["val_from_train"]))
     acc.wait_for_everyone()
 
     # ---- loaders, optimizer, scheduler ----------------------------------------------------------
@@ -571,10 +588,71 @@ def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
                 )
     if doctor is not None:
         doctor.remove()
+    if test_base is not None:
+        result["test"] = _final_test(
+            args,
+            acc,
+            model,
+            unwrapped,
+            test_base,
+            eval_tf,
+            saver,
+            out_dir,
+            num_classes,
+            class_names,
+        )
     acc.wait_for_everyone()
     if not nested:
         acc.end_training()
     return result
+
+
+def _final_test(
+    args, acc, model, unwrapped, test_base, eval_tf, saver, out_dir: Path, num_classes: int,
+    class_names: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """With --val-from-train: evaluate the held-out-selected best checkpoint on the test set once.
+
+    Writes ``test_results.json`` (which checkpoint, which epoch, top-1/top-5, per class); the
+    summary's ``eval_*`` columns are the held-out validation set, not the test set.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import TransformedDataset
+
+    best_path = out_dir / "model_best.pth.tar"
+    which, epoch = "last", None
+    if saver.best is not None and best_path.is_file():
+        load_weights(unwrapped, best_path, prefer_ema=bool(args.model_ema))
+        which, epoch = "model_best", int(saver.best[1])
+    loader = DataLoader(
+        TransformedDataset(test_base, eval_tf),
+        batch_size=args.validation_batch_size or args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+    )
+    m = evaluate(model, acc.prepare(loader), acc, num_classes)  # model wraps unwrapped
+    out = {
+        "checkpoint": which,
+        "epoch": epoch,
+        "selected_on": f"{args.val_from_train} images held out from {args.train_split!r}",
+        "test_split": args.val_split,
+        "images": m["count"],
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
+        "classes": class_names,
+        "per_class": m["per_class"],
+    }
+    if acc.is_main_process:
+        _atomic_text(out_dir / "test_results.json", json.dumps(out, indent=1))
+        _logger.info(
+            "*** TEST (split %r, %d images, read once): top1 %.2f top5 %.2f with %s%s "
+            "(selected on the held-out validation images) -> test_results.json",
+            args.val_split, m["count"], m["top1"], m["top5"], which,
+            f" (epoch {epoch})" if epoch is not None else "",
+        )  # fmt: skip
+    return out
 
 
 def _save(
@@ -689,6 +767,10 @@ def _setup_doctor(
                 imb_seed=args.imb_seed,
             )
         )
+        if split != args.train_split and args.class_map:
+            from ..data.class_map import apply_class_map
+
+            base = apply_class_map(base, args.class_map, args.data_dir)
         # each image on exactly one rank (a prepared loader would pad with repeated images,
         # which could then enter a class's top-N twice)
         diag_loader = DataLoader(
