@@ -137,3 +137,136 @@ def test_out_of_range_classes_at_forward():
         PatchedModel(Lookup(WEAK), Lookup(MODULE), 3, 1, RANGE)(_ids())
     with pytest.raises(ConfigError, match="module class 2 is out of range"):
         PatchedModel(Lookup(WEAK), Lookup(MODULE), -1, 2, RANGE)(_ids())
+
+
+# ---- md-doctor patch ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def patch_setup(cifar10_root, tmp_path_factory):
+    """Untrained weak (6 classes) and strong (5 classes) checkpoints, maps and a strong run file."""
+    import timm
+    import yaml
+
+    import md_plugin  # noqa: F401
+
+    d = tmp_path_factory.mktemp("patch")
+    torch.manual_seed(0)
+    weak = timm.create_model("simcnn_weak", num_classes=6)
+    strong = timm.create_model("resnet20_cifar", num_classes=5)
+    torch.save({"state_dict": weak.state_dict()}, d / "weak.pth.tar")
+    torch.save({"state_dict": strong.state_dict()}, d / "strong.pth.tar")
+    (d / "weak.txt").write_text("dog\nfrog\nhorse\nship\ntruck\nbird\n")
+    (d / "strong.txt").write_text("0\n1\n2\n3\n4\n")
+    run = dict(dataset="torch/cifar10", data_dir=str(cifar10_root), class_map=str(d / "strong.txt"),
+               val_from_train=0.25, data_seed=0)  # fmt: skip
+    (d / "args.yaml").write_text(yaml.safe_dump(run))
+    argv = ["--weak-model", "simcnn_weak", "--weak-checkpoint", str(d / "weak.pth.tar"),
+            "--strong-model", "resnet20_cifar", "--strong-checkpoint", str(d / "strong.pth.tar"),
+            "--whole-strong", "--range-data", str(d / "args.yaml"), "--module-class", "2",
+            "--dataset", "torch/cifar10", "--data-dir", str(cifar10_root), "--class-map",
+            str(d / "weak.txt"), "-b", "16"]  # fmt: skip
+    return d, argv, weak.eval(), strong.eval()
+
+
+def test_md_doctor_patch_whole_strong_by_recomputation(patch_setup, cifar10_root, capsys):
+    """The command's numbers equal a direct recomputation; the saved model reloads exactly."""
+    from md_plugin.cli import main as doctor_main
+    from md_plugin.data.class_map import apply_class_map
+    from md_plugin.data.datasets import create_dataset, create_datasets
+    from md_plugin.data.transforms import create_eval_transform
+    from md_plugin.splitter.patch_cli import load_patched
+
+    d, argv, weak, strong = patch_setup
+    out = argv + ["--results", str(d / "r.json"), "--out", str(d / "patched.pth.tar")]
+    assert doctor_main(["patch"] + out) == 0
+    text = capsys.readouterr().out
+    assert "TC precision (%)" in text and "non-TC accuracy (%)" in text
+    res = __import__("json").loads((d / "r.json").read_text())
+    tf = create_eval_transform(dict(input_size=(3, 32, 32), mean=strong.pretrained_cfg["mean"],
+                                    std=strong.pretrained_cfg["std"], crop_pct=1.0))  # fmt: skip
+    # range: the whole strong model's class-2 logit over the held-out class-2 training images
+    held = create_datasets("torch/cifar10", cifar10_root, class_map=d / "strong.txt",
+                           val_from_train=0.25).val  # fmt: skip
+    xs = torch.stack([tf(held[i][0]) for i in range(len(held)) if held[i][1] == 2])
+    with torch.no_grad():
+        z = strong(xs)[:, 2]
+    lo, hi = float(z.min()), float(z.max())
+    assert res["patch"]["value_range"] == pytest.approx([lo, hi], rel=1e-5)
+    # test split: weak classes (bird -> 5); before = weak argmax, after = the rule
+    ds = apply_class_map(
+        create_dataset("torch/cifar10", cifar10_root, "validation"), d / "weak.txt"
+    )
+    x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        p = torch.softmax(weak(x), 1)
+        m = (strong(x)[:, 2].double() - lo) / (hi - lo)
+    after = p.clone()
+    after[:, 5] = m.float()
+    assert res["before"] == tc_metrics(p.argmax(1), y, 5)
+    exp = tc_metrics(after.argmax(1), y, 5)
+    assert all(res["after"][k] == pytest.approx(exp[k]) for k in exp)
+    # the saved patched model rebuilds from its file alone and gives the same scores
+    reloaded = load_patched(d / "patched.pth.tar")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), after, rtol=1e-5, atol=1e-6)
+    # nothing is overwritten
+    assert doctor_main(["patch"] + out) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_md_doctor_patch_config_file(patch_setup, tmp_path, capsys):
+    """YAML keys are the flags' dest names; the command line wins."""
+    import yaml
+
+    from md_plugin.cli import main as doctor_main
+
+    d, argv, _, _ = patch_setup
+    flags = dict(zip(argv[::2], argv[1::2]))  # argv pairs up until --whole-strong
+    cfg = dict(
+        weak_model="simcnn_weak", weak_checkpoint=str(d / "weak.pth.tar"),
+        strong_model="resnet20_cifar", strong_checkpoint=str(d / "strong.pth.tar"),
+        whole_strong=True, range_data=str(d / "args.yaml"), module_class=2,
+        dataset="torch/cifar10", data_dir=argv[argv.index("--data-dir") + 1],
+        class_map=str(d / "weak.txt"), batch_size=7,
+    )  # fmt: skip
+    assert flags["--weak-model"] == cfg["weak_model"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert doctor_main(["patch", "-c", str(tmp_path / "p.yaml"), "--results",
+                        str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert (tmp_path / "r.json").is_file()
+    (tmp_path / "bad.yaml").write_text("weak_modle: simcnn_weak\n")
+    assert doctor_main(["patch", "-c", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "did you mean 'weak_model'" in err[-1]
+
+
+@pytest.mark.parametrize(
+    "change, msg",
+    [
+        ({"--module-class": "7"}, "--module-class 7 is out of range"),
+        ({"--target-class": "6"}, "--target-class 6 is out of range"),
+        ({"--range-data": "/nonexistent.yaml"}, "--range-data: file not found"),
+        ({"--weak-checkpoint": "/nonexistent.pth"}, "not found"),
+        ({"--strong-model": "resnet33_cifar"}, "unknown model"),
+        ({"--whole-strong": None}, "exactly one of --modules FILE and --whole-strong"),
+    ],
+)
+def test_md_doctor_patch_errors_are_one_line(patch_setup, capsys, change, msg):
+    from md_plugin.cli import main as doctor_main
+
+    _, argv, _, _ = patch_setup
+    argv = list(argv)
+    for k, v in change.items():
+        if k not in argv:
+            argv += [k, v]
+            continue
+        i = argv.index(k)
+        if v is None:
+            del argv[i]
+        else:
+            argv[i + 1] = v
+    assert doctor_main(["patch"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
