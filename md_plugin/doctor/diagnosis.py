@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,8 +88,10 @@ class Diagnosis:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically (temp file + rename)."""
-        from safetensors.torch import save_file
+        """Write a safetensors file atomically (unique temp file, fsync, rename)."""
+        from safetensors.torch import save
+
+        from ..files import atomic_write
 
         path = Path(path)
         tensors = {"counts": self.counts.to(torch.int64).contiguous()}
@@ -105,16 +105,8 @@ class Diagnosis:
             "fingerprint": json.dumps(self.fingerprint),
             "options": json.dumps(self.options),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        data = save(tensors, metadata=meta)
+        return atomic_write(path, lambda f: f.write(data))
 
     @classmethod
     def load(cls, path: str | Path) -> Diagnosis:
