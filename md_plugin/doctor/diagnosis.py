@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, MDError
 from ..layers import FeatureCapture, LayerRef, resolve_layers
-from .masks import MASK_RULES, compute_masks
+from .masks import MASK_RULES, check_mask_options, compute_masks
 
 __all__ = [
     "Diagnosis",
@@ -257,6 +257,8 @@ def diagnose(
         refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
     else:
         refs = list(layers)  # type: ignore[arg-type]
+    # the mask options are used only after the whole pass: refuse bad ones before it
+    check_mask_options(mask_rule, theta, topk, min(r.channels for r in refs))
     device = next(model.parameters()).device
     buf = _TopN(num_classes, per_class, [r.channels for r in refs])
     was_training = model.training
