@@ -347,8 +347,11 @@ def build_model_and_task(ctx: RunContext) -> None:
         total_epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
     ctx.generator = torch.Generator()
-    if sampler is None:
-        sampler = RandomSampler(train_ds, generator=ctx.generator)
+    if sampler is None:  # plain shuffling; --sampler-epoch-length draws that many per epoch
+        sampler = RandomSampler(
+            train_ds, num_samples=args.sampler_epoch_length, generator=ctx.generator
+        )
+        check_batch_size(len(sampler), args.batch_size)
     else:
         check_batch_size(len(sampler), args.batch_size)
     ctx.sampler = sampler
@@ -526,7 +529,8 @@ def diagnose(ctx: RunContext) -> None:
     doctor = ModelDoctor(
         ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
-        num_classes=ctx.num_classes, input_size=data_config["input_size"],
+        loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
+        input_size=data_config["input_size"],
     )  # fmt: skip
     if ctx.before is None:
         doctor.capture.enabled = False
