@@ -718,7 +718,7 @@ def _setup_doctor(
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
         loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=num_classes, input_size=data_config["input_size"],
     )  # fmt: skip
-    if before is None:
+    if before is None and args.md_eval_before:
         doctor.capture.enabled = False
         ev = evaluate(model, val_loader, acc, num_classes)
         doctor.capture.enabled = True
