@@ -1,16 +1,14 @@
 """Irrelevant-share statistic (and accuracy) of final checkpoints on images the runs never fit.
 
-Run once, after every fine-tuning run of an experiment has finished:
+Run once per finished run (the experiment scripts call it right after each training):
 
-    python experiments/heldout_stats.py --runs experiments/runs/round2_cifar10 \
-        --start /work/shared/checkpoints/resnet20_cifar10_e30/last.pth.tar \
+    python experiments/heldout_stats.py --checkpoint RUN/last.pth.tar --out RUN/heldout_stats.json \
         --diagnosis experiments/runs/round2_cifar10/start/diagnosis.safetensors \
-        --data-dir DATA --split test --first 2000
+        --data-dir DATA --split test --first 1000
 
-For every ``<runs>/<run>/last.pth.tar`` (and ``--start``, as ``start``) it measures, on the first
-``--first`` images of ``--split`` (eval transforms): the true-class gradient's irrelevant share,
-irrelevant and relevant mass at the diagnosed layer (:func:`md_plugin.doctor.shares.
-gradient_shares`) and the top-1 accuracy on those images, and writes ``<runs>/heldout_stats.json``.
+It measures, on the first ``--first`` images of ``--split`` (eval transforms): the true-class
+gradient's irrelevant share, irrelevant and relevant mass at the diagnosed layer
+(:func:`md_plugin.doctor.shares.gradient_shares`) and the top-1 accuracy on those images.
 ``--val-from-train N`` takes the images from that stratified hold-out of the training split instead
 (CIFAR-10-LT). Nothing is selected here: every run is measured.
 """
@@ -30,7 +28,6 @@ from md_plugin.cli import _setup
 from md_plugin.data.datasets import TransformedDataset
 from md_plugin.doctor import Diagnosis
 from md_plugin.doctor.shares import gradient_shares
-from md_plugin.train.checkpoint import load_weights
 
 
 def _stats(model, loader, diag, input_size, k) -> dict:
@@ -57,8 +54,8 @@ def _stats(model, loader, diag, input_size, k) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", required=True)
-    p.add_argument("--start", required=True, help="the start checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--diagnosis", required=True)
     p.add_argument("--model", default="resnet20_cifar")
     p.add_argument("--dataset", default="torch/cifar10")
@@ -70,7 +67,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     ns = argparse.Namespace(
-        model=a.model, checkpoint=a.start, num_classes=None, model_kwargs=[], dataset=a.dataset,
+        model=a.model, checkpoint=a.checkpoint, num_classes=None, model_kwargs=[], dataset=a.dataset,
         data_dir=a.data_dir, split="train" if a.val_from_train else a.split,
         imb_ratio=a.imb_ratio, imb_type="exp", imb_seed=0, input_size=None, batch_size=128,
         workers=0,
@@ -87,29 +84,16 @@ def main() -> None:
         idx = idx[: a.first]
     loader = DataLoader(Subset(TransformedDataset(ds, tf), idx), batch_size=128, shuffle=False)
     diag = Diagnosis.load(a.diagnosis)
-    runs = Path(a.runs)
-    ckpts = {"start": Path(a.start)}
-    ckpts.update(
-        {d.name: d / "last.pth.tar" for d in sorted(runs.iterdir()) if (d / "DONE").exists()}
+    t0 = time.time()
+    res = _stats(model, loader, diag, data_config["input_size"], k)
+    res.update(
+        checkpoint=a.checkpoint,
+        split="val_from_train" if a.val_from_train else a.split,
+        diagnosis=a.diagnosis,
+        seconds=round(time.time() - t0, 1),
     )
-    res = {
-        "split": "val_from_train" if a.val_from_train else a.split,
-        "images": len(idx),
-        "diagnosis": a.diagnosis,
-        "runs": {},
-    }
-    for name, ck in ckpts.items():
-        t0 = time.time()
-        load_weights(model, str(ck))
-        res["runs"][name] = _stats(model, loader, diag, data_config["input_size"], k)
-        res["runs"][name]["seconds"] = round(time.time() - t0, 1)
-        print(
-            name,
-            json.dumps({k_: v for k_, v in res["runs"][name].items() if "per_class" not in k_}),
-        )
-    out = runs / "heldout_stats.json"
-    out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out}")
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k_: v for k_, v in res.items() if "per_class" not in k_}))
 
 
 if __name__ == "__main__":

@@ -25,17 +25,27 @@ A_SHARE=$("$PY" -c "import json; print(json.load(open('$START/alpha.json'))['alp
 COMMON=(--model resnet20_cifar --dataset torch/cifar10 --data-dir "$DATA" -b 128 --opt sgd
   --momentum 0.9 --weight-decay 5e-4 --sched cosine --sched-on-updates --smoothing 0
   --crop-padding 4 --color-jitter 0 --workers 1 --no-progress --log-interval 0 --output "$OUT"
-  --initial-checkpoint "$CK" --epochs 8 --sampler-epoch-length 2048 --val-interval 8
+  --initial-checkpoint "$CK" --epochs 8 --sampler-epoch-length 1024 --val-interval 8
   --lr 0.01 --warmup-epochs 0 --md --md-diagnosis "$START/diagnosis.safetensors"
   --no-md-eval-before --no-md-report)
 
-job() {  # job NAME ARGS...: one run, with the load at its start and end
+stats() {  # stats NAME CHECKPOINT: irrelevant share on the first 1,000 test images, once
+  [[ -f "$OUT/$1.heldout.json" ]] && return
+  "$PY" experiments/heldout_stats.py --checkpoint "$2" --out "$OUT/$1.heldout.json" \
+    --diagnosis "$START/diagnosis.safetensors" --data-dir "$DATA" --split test --first 1000 \
+    >>"$OUT/$1.log" 2>&1
+}
+
+job() {  # job NAME ARGS...: one run, its held-out statistic, the load at start and end
   local t0=$SECONDS
   echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/$1.load"
   run "$@"
+  echo "train wall $((SECONDS - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/$1.load"
+  stats "$1" "$OUT/$1/last.pth.tar"
   echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg); wall $((SECONDS - t0)) s" >>"$OUT/$1.load"
 }
 
+stats start "$CK" &
 RUNS=()
 for s in 0 1 2; do
   RUNS+=("ctl_s$s --md-alpha 0 --md-monitor --seed $s")
