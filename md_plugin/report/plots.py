@@ -432,7 +432,7 @@ def plot_gradient_overlays(
     cols = 1 + len(up) + (diff is not None)
     fig = Figure(figsize=(2.3 * cols + 1.6, 2.3 * max(n, 1) + 0.7), layout="constrained")
     axes = fig.subplots(max(n, 1), cols, squeeze=False)
-    im_map = im_diff = None
+    im_map = None
     for i in range(n):
         img = images[i]
         axes[i, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
@@ -447,7 +447,7 @@ def plot_gradient_overlays(
             im_map = axes[i, j].imshow(u[i], cmap="magma", alpha=0.8, vmin=0, vmax=vmax)
         if diff is not None:
             axes[i, -1].imshow(grey, cmap="gray", vmin=0, vmax=1)
-            im_diff = axes[i, -1].imshow(diff[i], cmap="RdBu_r", alpha=0.85, vmin=-dlim, vmax=dlim)
+            axes[i, -1].imshow(diff[i], cmap="RdBu_r", alpha=0.85, vmin=-dlim, vmax=dlim)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
