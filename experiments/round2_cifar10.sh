@@ -45,18 +45,30 @@ job() {  # job NAME ARGS...: one run, its held-out statistic, the load at start 
   echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg); wall $((SECONDS - t0)) s" >>"$OUT/$1.load"
 }
 
-stats start "$CK" &
-RUNS=()
-for s in 0 1 2; do
-  RUNS+=("ctl_s$s --md-alpha 0 --md-monitor --seed $s")
-  RUNS+=("official_s$s --md-loss official --md-alpha 0.078 --seed $s")
-  RUNS+=("share_s$s --md-loss share --md-alpha $A_SHARE --seed $s")
-  RUNS+=("trueonly_s$s --md-loss true_only --md-alpha 0.078 --seed $s")
-done
-for r in "${RUNS[@]}"; do
-  while (($(jobs -rp | wc -l) >= PAR)); do wait -n || true; done
+[[ -f "$OUT/start.heldout.json" ]] || stats start "$CK" &
+# Seeds before arms: when time runs out, whole arms are missing, never seeds of an arm.
+# Priority (fixed before any result): control, official, share, true-class only.
+declare -A ARM=(
+  [ctl]="--md-alpha 0 --md-monitor"
+  [official]="--md-loss official --md-alpha 0.078"
+  [share]="--md-loss share --md-alpha $A_SHARE"
+  [trueonly]="--md-loss true_only --md-alpha 0.078"
+)
+ORDER=${ORDER:-"ctl_s0 official_s0 ctl_s1 official_s1 ctl_s2 official_s2 share_s0 share_s1 share_s2 trueonly_s0 trueonly_s1 trueonly_s2"}
+busy() {  # our running jobs, plus runs started by an earlier invocation that are not finished
+  local n
+  n=$(jobs -rp | wc -l)
+  for r in ${EXTERNAL:-}; do [[ -f "$OUT/$r.heldout.json" ]] || n=$((n + 1)); done
+  echo "$n"
+}
+for name in $ORDER; do
+  [[ " ${EXTERNAL:-} " == *" $name "* ]] && continue
+  while (($(busy) >= PAR)); do
+    wait -n 2>/dev/null || sleep 15
+  done
+  arm=${name%_s*}
   # shellcheck disable=SC2086
-  job $r &
+  job "$name" ${ARM[$arm]} --seed "${name##*_s}" &
   sleep 2
 done
 wait
