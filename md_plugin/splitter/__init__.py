@@ -1,4 +1,5 @@
-"""CNNSplitter: split a strong CNN into per-class modules (kernel subsets) by a genetic search.
+"""CNNSplitter: split a strong CNN into per-class modules (kernel subsets) by a genetic search,
+and patch a weak model's target class with one of them.
 
 from md_plugin.splitter import modularize, SplitModules
 mods = modularize(model, val_loader, classes=[0, 1, 2, 3, 4], generations=30)
@@ -14,6 +15,7 @@ from .groups import ChannelGroup, SplitGraph, UnsupportedArchitecture, create_sp
 from .importance import Importance, compute_importance
 from .masking import MaskedModel, create_masked_model
 from .modules import SplitModules, create_split_modules, modules_from_diagnosis
+from .patch import PatchedModel, evaluate_patch, own_class_range, tc_metrics
 from .search import SearchConfig, SearchResult, run_search
 from .split import modularize
 
@@ -22,6 +24,7 @@ __all__ = [
     "GeneLayout",
     "Importance",
     "MaskedModel",
+    "PatchedModel",
     "SearchConfig",
     "SearchResult",
     "SplitGraph",
@@ -33,11 +36,14 @@ __all__ = [
     "create_masked_model",
     "create_split_graph",
     "create_split_modules",
+    "evaluate_patch",
     "extract_module",
     "jaccard_distances",
     "modularize",
     "modules_from_diagnosis",
+    "own_class_range",
     "pruning_evaluation",
     "run_search",
     "score_ensemble",
+    "tc_metrics",
 ]

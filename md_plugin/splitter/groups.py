@@ -46,6 +46,7 @@ _PASS_MODULES = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
     nn.Dropout2d, nn.Identity, nn.Flatten,
 )  # fmt: skip
+_PASS_NAMES = {"SelectAdaptivePool2d", "DropPath", "DropBlock2d"}  # timm's, per-channel at eval
 _PASS_FUNCS = {
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
     torch.flatten,
@@ -244,7 +245,7 @@ def create_split_graph(model: nn.Module, input_size: Sequence[int] | None = None
                 space[node.name] = src
                 if src >= 0:
                     reads.append((node.name, src))
-            elif isinstance(m, _PASS_MODULES) or type(m).__name__ == "SelectAdaptivePool2d":
+            elif isinstance(m, _PASS_MODULES) or type(m).__name__ in _PASS_NAMES:
                 if type(m).__name__ == "SelectAdaptivePool2d" and "cat" in str(
                     getattr(m, "pool_type", "")
                 ):
