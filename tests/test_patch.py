@@ -270,3 +270,64 @@ def test_md_doctor_patch_errors_are_one_line(patch_setup, capsys, change, msg):
     assert doctor_main(["patch"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
+
+
+def test_md_doctor_patch_with_a_modules_file(patch_setup, cifar10_root, tmp_path, capsys):
+    """--modules: the module and range come from the artifact; the saved model reloads exactly;
+    a modules file of another model is refused in one line."""
+    import json
+
+    import timm
+
+    from md_plugin.cli import main as doctor_main
+    from md_plugin.data.class_map import apply_class_map
+    from md_plugin.data.datasets import create_dataset
+    from md_plugin.data.transforms import create_eval_transform
+    from md_plugin.splitter import SplitModules, create_split_graph, create_split_modules
+    from md_plugin.splitter.patch_cli import load_patched
+
+    d, argv, weak, strong = patch_setup
+    tf = create_eval_transform(dict(input_size=(3, 32, 32), mean=strong.pretrained_cfg["mean"],
+                                    std=strong.pretrained_cfg["std"], crop_pct=1.0))  # fmt: skip
+    sg = create_split_graph(strong, (3, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    masks = [[torch.rand(c, generator=g) < 0.6 for c in sg.num_channels] for _ in range(5)]
+    mods = create_split_modules(strong, sg, list(range(5)), masks)
+    held = create_dataset("torch/cifar10", cifar10_root, "train")
+    x_h = torch.stack([tf(held[i][0]) for i in range(0, 200, 2)])
+    y_h = torch.tensor([held[i][1] for i in range(0, 200, 2)])
+    keep = y_h < 5
+    mods.measure([(x_h[keep], y_h[keep])])
+    mods.save(d / "mods.safetensors")
+    i = argv.index("--whole-strong")
+    args = argv[:i] + argv[i + 3 :] + ["--modules", str(d / "mods.safetensors"),
+                                       "--results", str(tmp_path / "r.json"),
+                                       "--out", str(tmp_path / "p.pth.tar")]  # fmt: skip
+    assert doctor_main(["patch"] + args) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "r.json").read_text())
+    lo, hi = mods.range(2)
+    assert res["patch"]["value_range"] == pytest.approx([lo, hi])
+    assert res["patch"]["module_kind"] == "masked"
+    ds = apply_class_map(create_dataset("torch/cifar10", cifar10_root, "validation"), d / "weak.txt")
+    x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        after = torch.softmax(weak(x), 1)
+        after[:, 5] = ((mods.module(2)(x)[:, 2].double() - lo) / (hi - lo)).float()
+    exp = tc_metrics(after.argmax(1), y, 5)
+    assert all(res["after"][k] == pytest.approx(exp[k]) for k in exp)
+    with torch.no_grad():
+        torch.testing.assert_close(load_patched(tmp_path / "p.pth.tar")(x), after,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    # modules of another model
+    other = timm.create_model("resnet32_cifar", num_classes=5).eval()
+    sg2 = create_split_graph(other, (3, 32, 32))
+    m2 = create_split_modules(other, sg2, [0, 1], [[torch.ones(c, dtype=torch.bool)
+                                                    for c in sg2.num_channels]] * 2)  # fmt: skip
+    m2.save(tmp_path / "other.safetensors")
+    assert isinstance(SplitModules.load(tmp_path / "other.safetensors"), SplitModules)
+    bad = args[: args.index("--results")]
+    bad[bad.index("--modules") + 1] = str(tmp_path / "other.safetensors")
+    assert doctor_main(["patch"] + bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split from another model" in err[0]
