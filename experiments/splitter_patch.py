@@ -32,7 +32,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 import md_plugin  # noqa: F401
-from md_plugin.data.class_map import apply_class_map
+from md_plugin.data.class_map import apply_class_cap, apply_class_map
 from md_plugin.data.datasets import TransformedDataset, create_dataset, create_datasets
 from md_plugin.data.transforms import create_eval_transform
 from md_plugin.splitter import PatchedModel, evaluate_patch, own_class_range
@@ -137,8 +137,10 @@ def patch_stage(args, tc, strong, strong_val_loader, tf, out: Path, times) -> di
         wa["class_map"],
         wa["data_dir"],
     )
-    loader = _loader(ds, tf)
     weak_tc = 5  # the weak task appends the TC last
+    if args.test_per_class:  # a seeded subset of every class (fixed before any result)
+        ds = apply_class_cap(ds, {c: args.test_per_class for c in range(6)}, seed=0)
+    loader = _loader(ds, tf)
     rows: dict[str, Any] = {}
     with Stage(f"patch_tc{tc}", times):
         variants: list[tuple[str, torch.nn.Module, tuple[float, float], dict]] = []
@@ -151,8 +153,12 @@ def patch_stage(args, tc, strong, strong_val_loader, tf, out: Path, times) -> di
         variants.append(("diagnosis", dm.module(tc, extract=True), dm.range(tc), st))
         lo_hi = own_class_range(strong, strong_val_loader, tc)
         variants.append(
-            ("whole_strong", strong, lo_hi, {"kernels_pct": 100.0, "flops_pct": 100.0,
-                                             "params_pct": 100.0})  # fmt: skip
+            (
+                "whole_strong",
+                strong,
+                lo_hi,
+                {"kernels_pct": 100.0, "flops_pct": 100.0, "params_pct": 100.0},
+            )  # fmt: skip
         )
         for name, module, rng, st in variants:
             t0 = time.perf_counter()
@@ -233,6 +239,12 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--val-images", type=int, default=250)
     ap.add_argument("--diag-per-class", type=int, default=50)
+    ap.add_argument(
+        "--test-per-class",
+        type=int,
+        default=0,
+        help="evaluate the patch on this many test images per weak class (0: all 1,000)",
+    )
     ap.add_argument("--stages", nargs="+", default=["split", "diag", "patch"])
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -271,8 +283,9 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "budget": dict(generations=args.generations, population=args.population,
-                       val_images=args.val_images),  # fmt: skip
+        "budget": dict(
+            generations=args.generations, population=args.population, val_images=args.val_images
+        ),  # fmt: skip
     }
     res = {"env": env, "times": times, "splits": split_stats, "patch": patch,
            "strong_test": strong_test}  # fmt: skip
