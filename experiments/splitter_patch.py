@@ -73,6 +73,7 @@ class Stage:
 
     def __init__(self, name: str, times: dict[str, Any]):
         self.name, self.times = name, times
+        self.path = times["_dir"] / f"{name}.json"  # one file per stage: parallel runs are safe
 
     def __enter__(self):
         self.t0, self.l0 = time.perf_counter(), os.getloadavg()[0]
@@ -81,11 +82,12 @@ class Stage:
 
     def __exit__(self, *exc):
         dt = time.perf_counter() - self.t0
-        self.times[self.name] = {
+        rec = {
             "wall_s": round(dt, 1),
             "load_start": round(self.l0, 1),
             "load_end": round(os.getloadavg()[0], 1),
         }
+        self.path.write_text(json.dumps(rec))
         _log(f"end {self.name}: {dt:.0f} s")
 
 
@@ -113,8 +115,10 @@ def diag_stage(args, strong, train_ds, val_loader, tf, out: Path, times) -> Path
     if path.is_file():
         return path
     with Stage("diagnosis", times):
+        # the 50 most confident of a seeded 300 training images per class (a CPU budget)
+        sub = apply_class_cap(train_ds, {c: 300 for c in range(5)}, seed=0)
         diag = diagnose(
-            strong, _loader(train_ds, tf, 200), "last_conv", 5, per_class=args.diag_per_class,
+            strong, _loader(sub, tf, 200), "last_conv", 5, per_class=args.diag_per_class,
             input_size=(3, 32, 32),
         )  # fmt: skip
         diag.save(out / "diagnosis.safetensors")
@@ -245,12 +249,12 @@ def main() -> None:
         default=0,
         help="evaluate the patch on this many test images per weak class (0: all 1,000)",
     )
-    ap.add_argument("--stages", nargs="+", default=["split", "diag", "patch"])
+    ap.add_argument("--stages", nargs="+", default=["split", "diag", "patch", "summary"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    times_path = args.out / "times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    (args.out / "times").mkdir(exist_ok=True)
+    times: dict[str, Any] = {"_dir": args.out / "times"}
     strong, sa = _load(args.models / "strong_r20_c04")
     from timm.data import resolve_data_config
 
@@ -260,17 +264,22 @@ def main() -> None:
     if "split" in args.stages:
         for seed in args.seeds:
             split_stage(args, strong, val_loader, seed, args.out, times)
-            times_path.write_text(json.dumps(times, indent=1))
     if "diag" in args.stages:
         diag_stage(args, strong, s.train, val_loader, tf, args.out, times)
-        times_path.write_text(json.dumps(times, indent=1))
     patch = []
     if "patch" in args.stages:
         for tc in args.tcs:
             patch.append(patch_stage(args, tc, strong, val_loader, tf, args.out, times))
-            times_path.write_text(json.dumps(times, indent=1))
+    if "summary" not in args.stages:
+        return
     from md_plugin.splitter import SplitModules
 
+    times = {f.stem: json.loads(f.read_text()) for f in sorted((args.out / "times").glob("*.json"))}
+    patch = [
+        json.loads((args.out / f"patch_tc{tc}.json").read_text())
+        for tc in args.tcs
+        if (args.out / f"patch_tc{tc}.json").is_file()
+    ]
     split_stats = {}
     for name in [f"modules_s{x}" for x in args.seeds] + ["modules_diag"]:
         f = args.out / f"{name}.safetensors"
