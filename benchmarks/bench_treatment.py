@@ -12,7 +12,11 @@ round by round (order rotating):
   ``autograd.grad`` per term, three with the spatial term, per-sample Python loops);
 * ``per_layer`` (opt-in, ``--variants naive,per_layer``) the naive reference with one
   ``autograd.grad`` per layer and term, as the lab fork does: only differs for several layers
-  (a glob such as ``--layers 'layer3.*.conv2'`` targets every match).
+  (a glob such as ``--layers 'layer3.*.conv2'`` targets every match);
+* ``every_k`` (opt-in, ``--md-every 2,4,8``) lazy regularisation, ``ModelDoctor(every=k)``: one
+  round runs a whole cycle of k optimizer steps exactly as the trainer does (``begin_step``, the
+  terms on the first step with weight k, plain steps after), and its time is divided by k, so
+  the ratio is the **average** step cost, to compare with ``1 + (r - 1) / k`` from ``ours`` (r).
 
 It reports the median over ``--steps`` rounds of the per-round time ratio to ``plain`` (with the
 min-max range), the peak step memory ratio (bytes through PyTorch's CPU allocator, see
@@ -123,6 +127,13 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
         variants["per_layer"] = NaiveModelDoctor(
             mods, masks, ALPHA_OFF, BETA_OFF if spatial else 0.0, per_layer=True
         )
+    every = {}
+    for k in args.md_every:
+        if k > 1:
+            every[f"every_{k}"] = ModelDoctor(
+                model, diag, alpha, beta, every=k, input_size=(3, args.input_size, args.input_size)
+            )
+    variants.update(every)
     fgm, hm = (fg, has) if spatial else (None, None)
 
     def enable(name: str | None) -> None:
@@ -154,7 +165,7 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
         l_ref, g_ref = l_area, g_area
         naive_area.remove()
         del variants["naive_area"]
-    for name in [n for n in variants if n != "naive"]:
+    for name in [n for n in variants if n != "naive" and n not in every]:
         _, l_v, _ = md_loss(name)
         g_v = torch.autograd.grad(l_v, params, allow_unused=True)
         check[f"{name}_loss_rel"] = abs(l_v.item() - l_ref.item()) / max(abs(l_ref.item()), 1e-30)
@@ -178,17 +189,42 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
 
         return step
 
+    def make_cycle(name: str):
+        md = variants[name]
+
+        def cycle() -> None:  # k optimizer steps, as train_one_epoch runs them
+            enable(name)
+            for i in range(md.every):
+                opt.zero_grad(set_to_none=True)
+                due = md.begin_step(i)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if due:
+                    loss = loss + md.loss(logits, y, fgm, hm)[0]
+                loss.backward()
+                opt.step()
+
+        return cycle
+
     fns = {"plain": plain_step}
     for name in ("ours", "batched", "naive", "per_layer"):
         if name in variants and (name == "ours" or name in args.variants):
             fns[name] = make_md_step(name)
+    for name in every:
+        fns[name] = make_cycle(name)
+    load = [round(os.getloadavg()[0], 2)]
     times = interleaved(fns, args.steps, args.warmup)
+    load.append(round(os.getloadavg()[0], 2))
+    for name, md in every.items():  # a cycle's time -> the average time of one of its steps
+        times[name] = [t / md.every for t in times[name]]
     stats = ratio_stats(times)
 
     # -- peak memory (one profiled step each, after timing) ----------------------------------
     mem = {}
     if not args.no_memory:
         for name, fn in fns.items():
+            if name in every:
+                continue
             opt.zero_grad(set_to_none=True)
             mem[name] = peak_bytes(fn)
         opt.zero_grad(set_to_none=True)
@@ -200,6 +236,7 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args) -> di
         "num_layers": len(refs),
         "shape": list(ref.out_shape[1:]),
         "spatial": spatial,
+        "load_1m": load,
         "time": stats,
         "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "peak_mib": {k: v / 2**20 for k, v in mem.items()},
@@ -239,6 +276,26 @@ def print_table(model_name: str, b: int, rows: list[dict]) -> None:
         )
 
 
+def print_every_table(model_name: str, b: int, rows: list[dict], ks: list[int]) -> None:
+    print(f"\n== {model_name}, batch {b}: average step time of --md-every k vs a plain step ==")
+    cols = "".join(f"{'k=' + str(k):<18}{'pred':>6}  " for k in ks)
+    hdr = f"{'layer':<16}{'spatial':<8}{'plain ms':>9}  {cols}{'load 1m':>12}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        t = r["time"]
+        cells = ""
+        for k in ks:
+            s = t["ours"] if k == 1 else t[f"every_{k}"]
+            pred = 1 + (t["ours"]["ratio"] - 1) / k
+            cells += f"{fmt_ratio(s):<18}{pred:>6.2f}  "
+        load = "-".join(f"{v:.1f}" for v in r["load_1m"])
+        print(
+            f"{r['layer']:<16}{'yes' if r['spatial'] else 'no':<8}"
+            f"{t['plain']['median_s'] * 1e3:>9.0f}  {cells}{load:>12}"
+        )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", default="resnet32_cifar,resnet18")
@@ -257,9 +314,17 @@ def main(argv=None) -> int:
     ap.add_argument("--spatial", choices=("both", "off", "on"), default="both")
     ap.add_argument("--variants", default="batched,naive", help="besides plain and ours")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiled memory steps")
+    ap.add_argument(
+        "--md-every",
+        default="",
+        help="comma list of k for lazy regularisation (e.g. 1,2,4,8): average step ratios",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.md_every = sorted({int(v) for v in args.md_every.split(",") if v})
+    if any(k < 1 for k in args.md_every):
+        ap.error("--md-every values must be >= 1")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     torch.set_num_threads(args.threads)
@@ -294,6 +359,8 @@ def main(argv=None) -> int:
                     flush=True,
                 )
         print_table(model_name, b, rows)
+        if args.md_every:
+            print_every_table(model_name, b, rows, args.md_every)
         results[model_name] = rows
     print(
         "\nratios: median over rounds of (variant time / plain time in the same round), "

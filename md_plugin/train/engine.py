@@ -3,7 +3,9 @@
 The Model Doctor terms join the classification loss before the single ``accelerator.backward``
 (the DDP-safe pattern: out-of-place ``autograd.grad(create_graph=True)`` on hooked features, then
 one backward). Non-finite losses or gradients skip the step on every rank; too many in a row
-abort with the likely causes named.
+abort with the likely causes named. With ``--md-every k`` the terms join only on optimizer steps
+where ``num_updates % k == 0`` (lazy regularisation, see ``ModelDoctor.begin_step``): the
+counter is the same on every rank and for every micro-batch of a step, and restored on resume.
 """
 
 from __future__ import annotations
@@ -146,10 +148,12 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "ce": 0.0, "md_channel": 0.0, "md_spatial": 0.0}
     n_seen = 0
+    n_md = 0  # samples of the steps that computed the Model Doctor terms (all, unless --md-every)
     skipped_epoch = 0
     if partial:
         sums.update(partial.get("sums", {}))
         n_seen = int(partial.get("n_seen", 0))
+        n_md = int(partial.get("n_md", n_seen))
         skipped_epoch = int(partial.get("skipped", 0))
     n_batches = len(loader)
     scaler = getattr(accelerator, "scaler", None)
@@ -167,12 +171,14 @@ def train_one_epoch(
         fg, has = (batch[2], batch[3]) if len(batch) > 2 else (None, None)
         ok, what = True, ""
         parts = None
+        # decided per optimizer step from the shared update counter (lazy regularisation)
+        md_due = doctor is not None and doctor.active and doctor.begin_step(state.num_updates)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
                 ce = criterion(logits, y)
                 loss = ce
-                if doctor is not None and doctor.active:
+                if md_due:
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
                     md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
                     loss = ce + md_loss
@@ -218,6 +224,7 @@ def train_one_epoch(
             sums["loss"] += loss.item() * bs
             sums["ce"] += ce.item() * bs
             if parts is not None:
+                n_md += bs
                 sums["md_channel"] += float(parts["md_channel"]) * bs
                 sums["md_spatial"] += float(parts["md_spatial"]) * bs
             if (
@@ -242,13 +249,16 @@ def train_one_epoch(
             state.extra["partial"] = {
                 "sums": dict(sums),
                 "n_seen": n_seen,
+                "n_md": n_md,
                 "skipped": skipped_epoch,
                 "rng": get_rng_state(),
             }
             break
     dt = time.perf_counter() - t0
     n = max(n_seen, 1)
-    out = {k: v / n for k, v in sums.items()}
+    # the MD terms are averaged over the steps that computed them (unweighted, so comparable
+    # across --md-every); with --md-every 1 that is every step, n_md == n_seen
+    out = {k: v / (max(n_md, 1) if k.startswith("md_") else n) for k, v in sums.items()}
     out["img_per_s"] = n_new * accelerator.num_processes / max(dt, 1e-9)
     out["skipped_steps"] = skipped_epoch
     return out
