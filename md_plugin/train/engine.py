@@ -146,7 +146,14 @@ def train_one_epoch(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    sums = {"loss": 0.0, "ce": 0.0, "md_channel": 0.0, "md_spatial": 0.0}
+    sums = {
+        "loss": 0.0,
+        "ce": 0.0,
+        "md_channel": 0.0,
+        "md_spatial": 0.0,
+        "md_irr_mass": 0.0,
+        "md_irr_share": 0.0,
+    }
     n_seen = 0
     n_md = 0  # samples of the steps that computed the Model Doctor terms (all, unless --md-every)
     skipped_epoch = 0
@@ -172,13 +179,13 @@ def train_one_epoch(
         ok, what = True, ""
         parts = None
         # decided per optimizer step from the shared update counter (lazy regularisation)
-        md_due = doctor is not None and doctor.active and doctor.begin_step(state.num_updates)
+        md_due = doctor is not None and doctor.computes and doctor.begin_step(state.num_updates)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
                 ce = criterion(logits, y)
                 loss = ce
-                if md_due:
+                if md_due:  # training on it, or --md-monitor; every k-th step with --md-every
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
                     md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
                     loss = ce + md_loss
@@ -227,6 +234,9 @@ def train_one_epoch(
                 n_md += bs
                 sums["md_channel"] += float(parts["md_channel"]) * bs
                 sums["md_spatial"] += float(parts["md_spatial"]) * bs
+                for key in ("md_irr_mass", "md_irr_share"):
+                    if key in parts:
+                        sums[key] += float(parts[key]) * bs
             if (
                 accelerator.is_main_process
                 and args.log_interval
