@@ -13,10 +13,14 @@ round by round (order rotating):
 * ``per_layer`` (opt-in, ``--variants naive,per_layer``) the naive reference with one
   ``autograd.grad`` per layer and term, as the lab fork does: only differs for several layers
   (a glob such as ``--layers 'layer3.*.conv2'`` targets every match);
-* ``every_k`` (opt-in, ``--md-every 2,4,8``) lazy regularisation, ``ModelDoctor(every=k)``: one
-  round runs a whole cycle of k optimizer steps exactly as the trainer does (``begin_step``, the
-  terms on the first step with weight k, plain steps after), and its time is divided by k, so
-  the ratio is the **average** step cost, to compare with ``1 + (r - 1) / k`` from ``ours`` (r).
+* ``every_k`` (opt-in, ``--md-every 2,4,8``) lazy regularisation, ``ModelDoctor(every=k)``: the
+  **average** step cost of a cycle of k optimizer steps run as the trainer runs them
+  (``begin_step``; the terms on the first step with weight k, none on the others). By default a
+  round times one penalised step (``ours``, the same work as a due step) and one step that is not
+  due (``lazy_skip``: hooks idle, no terms) and the cycle's average is
+  ``(ours + (k - 1) * lazy_skip) / k`` of that round; ``--md-every-cycles`` instead times the k
+  steps of a whole cycle per round (k times the work; the GPU script does that). Compare with
+  ``1 + (r - 1) / k`` from the ratio r of ``ours``.
 
 It reports the median over ``--steps`` rounds of the per-round time ratio to ``plain`` (with the
 min-max range), the peak step memory ratio (bytes through PyTorch's CPU allocator, see
@@ -154,11 +158,18 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args, prec=
         variants["naive"] = NaiveModelDoctor(mods, masks, ALPHA_OFF, beta_off)
     if "per_layer" in args.variants and exact:
         variants["per_layer"] = NaiveModelDoctor(mods, masks, ALPHA_OFF, beta_off, per_layer=True)
-    every = {
-        f"every_{k}": ModelDoctor(model, diag, alpha, beta, every=k, input_size=size)
-        for k in args.md_every
-        if k > 1
-    }
+    ks = [k for k in args.md_every if k > 1]
+    if args.md_every_cycles:
+        every = {
+            f"every_{k}": ModelDoctor(model, diag, alpha, beta, every=k, input_size=size)
+            for k in ks
+        }
+    else:  # one step that is not due stands for the k - 1 of every cycle
+        every = (
+            {"lazy_skip": ModelDoctor(model, diag, alpha, beta, every=2, input_size=size)}
+            if ks
+            else {}
+        )
     variants.update(every)
     fgm, hm = (fg, has) if spatial else (None, None)
 
@@ -209,7 +220,7 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args, prec=
 
         def cycle() -> None:  # k optimizer steps, as train_one_epoch runs them
             enable(name)
-            for i in range(md.every):
+            for i in range(md.every) if name != "lazy_skip" else (1,):  # 1: not due
                 opt.zero_grad(set_to_none=True)
                 due = md.begin_step(i)
                 with prec.autocast():
@@ -231,8 +242,14 @@ def run_config(model, opt, x, y, fg, has, layer: str, spatial: bool, args, prec=
     load = [round(os.getloadavg()[0], 2)]
     times = interleaved(fns, args.steps, args.warmup)
     load.append(round(os.getloadavg()[0], 2))
-    for name, md in every.items():  # a cycle's time -> the average time of one of its steps
-        times[name] = [t / md.every for t in times[name]]
+    if "lazy_skip" in times:  # a cycle = one penalised step + (k - 1) steps that are not due
+        for k in (k for k in args.md_every if k > 1):
+            times[f"every_{k}"] = [
+                (t1 + (k - 1) * t0) / k for t1, t0 in zip(times["ours"], times["lazy_skip"])
+            ]
+    else:
+        for name, md in every.items():  # a cycle's time -> the average time of one of its steps
+            times[name] = [t / md.every for t in times[name]]
     stats = ratio_stats(times)
     for st in stats.values():
         st["img_s"] = b / st["median_s"]
@@ -308,7 +325,7 @@ def print_every_table(
         "step (pred = 1 + (r - 1) / k from the k=1 ratio r) =="
     )
     cols = "".join(f"{'k=' + str(k):<18}{'pred':>6}  " for k in ks)
-    hdr = f"{'layer':<16}{'spatial':<8}{'plain ms':>9}  {cols}{'load 1m':>12}"
+    hdr = f"{'layer':<16}{'spatial':<8}{'plain ms':>9}  {'lazy step':<18}{cols}{'load 1m':>12}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -319,9 +336,10 @@ def print_every_table(
             pred = 1 + (t["ours"]["ratio"] - 1) / k
             cells += f"{fmt_ratio(s):<18}{pred:>6.2f}  "
         load = "-".join(f"{v:.1f}" for v in r["load_1m"])
+        lazy = fmt_ratio(t["lazy_skip"]) if "lazy_skip" in t else "-"
         print(
             f"{r['layer']:<16}{'yes' if r['spatial'] else 'no':<8}"
-            f"{t['plain']['median_s'] * 1e3:>9.0f}  {cells}{load:>12}"
+            f"{t['plain']['median_s'] * 1e3:>9.0f}  {lazy:<18}{cells}{load:>12}"
         )
 
 
@@ -347,6 +365,11 @@ def main(argv=None) -> int:
         "--md-every",
         default="",
         help="comma list of k for lazy regularisation (e.g. 1,2,4,8): average step ratios",
+    )
+    ap.add_argument(
+        "--md-every-cycles",
+        action="store_true",
+        help="time whole k-step cycles (default: one penalised + one lazy step per round)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

@@ -48,7 +48,7 @@ else
     echo "error: no CUDA device visible to torch (on CPU, use --dry-run)" >&2
     exit 2
   fi
-  TREAT=(--steps 15 --warmup 2 --spatial both --md-every 1,2,4,8)
+  TREAT=(--steps 15 --warmup 2 --spatial both --md-every 1,2,4,8 --md-every-cycles)
   DIAG=(--images 4096 --repeats 5 --warmup 1)
   DDP=(--models resnet32_cifar,resnet18 --steps 15 --warmup 2 --md-every 4 --amp fp32,bf16
     --device cuda)
