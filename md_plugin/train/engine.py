@@ -26,6 +26,7 @@ from ..errors import MDError
 from ..metrics import confusion_matrix, per_class_accuracy
 
 __all__ = [
+    "RunningSums",
     "TrainState",
     "train_one_epoch",
     "evaluate",
@@ -68,6 +69,33 @@ def _all_finite(accelerator, value: torch.Tensor) -> bool:
             / accelerator.num_processes
         )
     return bool(flag.item() == 1.0)
+
+
+class RunningSums:
+    """Sample-weighted sums of the logged loss terms, accumulated on the loss's device.
+
+    Reading a loss with ``.item()`` every step is a host synchronisation on a GPU; these sums stay
+    on the device (float64) and are read once, at an interruption or the end of the epoch. The
+    float64 multiply-and-add per step is the one Python floats did, in the same order, so the
+    totals are identical to per-step reads.
+    """
+
+    def __init__(self, init: dict[str, float]):
+        self.keys = list(init)
+        self._init = [float(init[k]) for k in self.keys]
+        self._t: torch.Tensor | None = None
+
+    def add(self, weight: int, values: dict[str, torch.Tensor]) -> None:
+        ref = next(iter(values.values()))
+        zero = torch.zeros((), dtype=torch.float64, device=ref.device)
+        v = torch.stack([values[k].detach().double() if k in values else zero for k in self.keys])
+        if self._t is None:
+            self._t = torch.tensor(self._init, dtype=torch.float64, device=ref.device)
+        self._t += v * weight
+
+    def read(self) -> dict[str, float]:
+        vals = self._t.tolist() if self._t is not None else self._init
+        return dict(zip(self.keys, vals))
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -162,6 +190,7 @@ def train_one_epoch(
         n_seen = int(partial.get("n_seen", 0))
         n_md = int(partial.get("n_md", n_seen))
         skipped_epoch = int(partial.get("skipped", 0))
+    running = RunningSums(sums)
     n_batches = len(loader)
     scaler = getattr(accelerator, "scaler", None)
     show = accelerator.is_main_process and not args.no_progress and sys.stderr.isatty()
@@ -228,15 +257,9 @@ def train_one_epoch(
             bs = y.shape[0]
             n_seen += bs
             n_new += bs
-            sums["loss"] += loss.item() * bs
-            sums["ce"] += ce.item() * bs
             if parts is not None:
                 n_md += bs
-                sums["md_channel"] += float(parts["md_channel"]) * bs
-                sums["md_spatial"] += float(parts["md_spatial"]) * bs
-                for key in ("md_irr_mass", "md_irr_share"):
-                    if key in parts:
-                        sums[key] += float(parts[key]) * bs
+            running.add(bs, {"loss": loss, "ce": ce, **(parts or {})})
             if (
                 accelerator.is_main_process
                 and args.log_interval
@@ -257,7 +280,7 @@ def train_one_epoch(
             state.extra["interrupted"] = True
             state.extra["interrupted_step"] = step + 1
             state.extra["partial"] = {
-                "sums": dict(sums),
+                "sums": running.read(),
                 "n_seen": n_seen,
                 "n_md": n_md,
                 "skipped": skipped_epoch,
@@ -268,6 +291,7 @@ def train_one_epoch(
     n = max(n_seen, 1)
     # the MD terms are averaged over the steps that computed them (unweighted, so comparable
     # across --md-every); with --md-every 1 that is every step, n_md == n_seen
+    sums = running.read()
     out = {k: v / (max(n_md, 1) if k.startswith("md_") else n) for k, v in sums.items()}
     out["img_per_s"] = n_new * accelerator.num_processes / max(dt, 1e-9)
     out["skipped_steps"] = skipped_epoch
