@@ -55,6 +55,9 @@ def test_gpu_benchmark_dry_run_covers_every_stage(tmp_path):
         "fp16",
     ]
 
+    reads = _result(tmp_path / "bench_reads.txt")
+    assert {"reads", "device"} <= set(reads["time"])
+
     ddp = _result(tmp_path / "bench_ddp.txt")
     assert ddp["world"] == 2 and ddp["replicas_identical"] is True
     assert {"plain", "ours", "every_2"} <= set(ddp["results"]["resnet20_cifar"][0]["time"])
