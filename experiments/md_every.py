@@ -10,10 +10,11 @@ in the Model Doctor setting, each over the same seeds (the same batches and crop
 * ``k4``   alpha = 0.078 with ``ModelDoctor(every=4)``: the terms on every 4th step, weight x4.
 
 Everything is fixed in advance: last conv (``layer3.2.conv2``), both official terms, SGD lr 0.01
-(momentum 0.9, wd 5e-4) cosine-annealed per step to 0 over ``--steps``, batch 128, pad-4 random
-crop + horizontal flip, train-mode BN. The diagnosis is made once, on the first 10,000 TRAINING
-images (eval transforms, 50 per class, theta 0.2), and shared by all runs. At the end, once per
-run, on the 10,000 TEST images (eval mode, nothing is selected on them): top-1 accuracy and the
+(momentum 0.9, wd 5e-4) cosine-annealed per step to 0 over ``--steps``, ``--batch-size``, pad-4
+random crop + horizontal flip, train-mode BN. The diagnosis is made once, on the first 10,000
+TRAINING images (eval transforms, 50 per class, theta 0.2), and shared by all runs. At the end,
+once per run, on the first ``--eval-images`` TEST images (eval mode, nothing is selected on
+them): top-1 accuracy and the
 irrelevant-channel share of ``docs/results.md`` -- the mean per-sample positive gradient of the
 true-class logit w.r.t. the hooked layer, summed over the channels irrelevant to the true class,
 divided by the same over all channels.
@@ -221,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--eval-images", type=int, default=10000, help="first N test images")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arms", default="ctl,k1,k4")
     ap.add_argument("--summarize", action="store_true")
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     xtr, ytr = load_cifar(args.data_dir, True)
     xte, yte = load_cifar(args.data_dir, False)
+    xte, yte = xte[: args.eval_images], yte[: args.eval_images]
     model = make_model()
     cfg = timm.data.resolve_data_config({}, model=model)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
