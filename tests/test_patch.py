@@ -308,7 +308,9 @@ def test_md_doctor_patch_with_a_modules_file(patch_setup, cifar10_root, tmp_path
     lo, hi = mods.range(2)
     assert res["patch"]["value_range"] == pytest.approx([lo, hi])
     assert res["patch"]["module_kind"] == "masked"
-    ds = apply_class_map(create_dataset("torch/cifar10", cifar10_root, "validation"), d / "weak.txt")
+    ds = apply_class_map(
+        create_dataset("torch/cifar10", cifar10_root, "validation"), d / "weak.txt"
+    )
     x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
     y = torch.tensor([ds[i][1] for i in range(len(ds))])
     with torch.no_grad():
