@@ -73,7 +73,7 @@ def create_train_transform(
     ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
     hflip: float = 0.5,
     vflip: float = 0.0,
-    color_jitter: float = 0.4,
+    color_jitter: float | None = 0.4,
     reprob: float = 0.0,
     crop_padding: int | None = None,
     interpolation: str | None = None,
@@ -96,7 +96,7 @@ def create_train_transform(
         geo.append(T.RandomHorizontalFlip(hflip))
     if vflip > 0:
         geo.append(T.RandomVerticalFlip(vflip))
-    photo = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+    photo = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else None
     return PairedTransform(
         T.Compose(geo), photo, _finish(data_config["mean"], data_config["std"], reprob)
     )
