@@ -87,6 +87,41 @@ def test_md_run_from_checkpoint_diagnoses_and_treats(baseline_run, cifar10_root,
     assert "before treatment" in out and "images" in out  # the per-class diagnosis table
 
 
+def test_md_monitor_control_and_share_loss_runs(baseline_run, cifar10_root, tmp_path, capsys):
+    """--md-alpha 0 --md-monitor logs the would-be penalty; --md-loss share trains on the share;
+    --sampler-epoch-length shortens plain-shuffled epochs; all recorded in args.yaml."""
+    common = TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(tmp_path),
+                     "--md", "--md-per-class", "5", "--sampler-epoch-length", "60",
+                     "--no-md-report", "--initial-checkpoint", str(baseline_run / "last.pth.tar")]  # fmt: skip
+    assert cli(common + ["--experiment", "ctl", "--md-alpha", "0", "--md-monitor"]) == 0
+    diag = str(tmp_path / "ctl" / "diagnosis.safetensors")
+    assert cli(common + ["--experiment", "plain", "--md-alpha", "0", "--md-diagnosis", diag]) == 0
+    assert cli(common + ["--experiment", "share", "--md-alpha", "1", "--md-loss", "share",
+                         "--md-diagnosis", diag]) == 0, capsys.readouterr().err  # fmt: skip
+    ctl, plain, share = (_rows(tmp_path / n / "summary.csv") for n in ("ctl", "plain", "share"))
+    assert len(ctl) == 2
+    for r in ctl:  # monitored: the official term and the common statistics, all positive
+        assert float(r["train_md_channel"]) > 0 and float(r["train_md_irr_mass"]) > 0
+        assert 0 < float(r["train_md_irr_share"]) < 1
+    assert float(plain[0]["train_md_channel"]) == 0.0  # not computed without --md-monitor
+    # the monitor changes nothing in training: same losses as the unmonitored control
+    assert [r["train_ce"] for r in ctl] == [r["train_ce"] for r in plain]
+    for r in share:  # the share loss is the logged irrelevant share
+        assert float(r["train_md_channel"]) == pytest.approx(float(r["train_md_irr_share"]))
+        assert float(r["train_loss"]) > float(r["train_ce"])
+    args = yaml.safe_load((tmp_path / "share" / "args.yaml").read_text())
+    assert args["md_loss"] == "share" and args["sampler_epoch_length"] == 60
+    log = capsys.readouterr().out
+    assert "training set: 200 images" in log
+
+
+def test_md_loss_conflicting_flags_are_one_line(cifar10_root, tmp_path, capsys):
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--output", str(tmp_path), "--md",
+                     "--md-loss", "share", "--md-no-true-term"])  # fmt: skip
+    assert rc == 2
+    assert "true-class term" in capsys.readouterr().err
+
+
 def test_md_without_a_trained_model_is_refused(cifar10_root, tmp_path, capsys):
     rc = cli(
         TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path), "--md"]

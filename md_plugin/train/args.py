@@ -465,7 +465,12 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sampler-k", type=int, default=4, help="class-balanced: samples per class visit"
     )
-    g.add_argument("--sampler-epoch-length", type=int, default=None)
+    g.add_argument(
+        "--sampler-epoch-length",
+        type=int,
+        default=None,
+        help="images per epoch (also without --sampler: a fresh random subset each epoch)",
+    )
 
     g = p.add_argument_group("Model EMA")
     g.add_argument("--model-ema", action="store_true", default=False)
@@ -507,6 +512,20 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--md-gate-activation", action="store_true", default=False)
     g.add_argument("--md-no-true-term", action="store_true", default=False)
     g.add_argument("--md-no-confusing-term", action="store_true", default=False)
+    g.add_argument(
+        "--md-loss",
+        default="official",
+        choices=["official", "true_only", "share"],
+        help="channel loss: official (true + confusing class terms), true_only, or share "
+        "(irrelevant share of the true-class gradient, scale-invariant)",
+    )
+    g.add_argument(
+        "--md-monitor",
+        action="store_true",
+        default=False,
+        help="with --md-alpha 0: compute the channel term without gradients and log it "
+        "(what the penalty would have been; with alpha > 0 it is logged anyway)",
+    )
     g.add_argument(
         "--md-diagnosis", default="", help="reuse a saved diagnosis instead of diagnosing"
     )
@@ -810,6 +829,10 @@ def _validate(args: argparse.Namespace) -> None:
         (args.md_baseline_epochs >= 0, "--md-baseline-epochs must be >= 0"),
         (args.workers >= 0, "--workers must be >= 0"),
         (args.val_interval >= 1, f"--val-interval must be >= 1, got {args.val_interval}"),
+        (
+            args.sampler_epoch_length is None or args.sampler_epoch_length >= 1,
+            f"--sampler-epoch-length must be >= 1, got {args.sampler_epoch_length}",
+        ),
     ]
     probs = ("hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob", "color_jitter_prob",
              "grayscale_prob", "gaussian_blur_prob")  # fmt: skip
@@ -835,6 +858,11 @@ def _validate(args: argparse.Namespace) -> None:
         if not ok:
             raise ConfigError(msg)
     _check_combinations(args)
+    if args.md_loss != "official" and args.md_no_true_term:
+        raise ConfigError(
+            f"--md-loss {args.md_loss} is the true-class term: it cannot be combined with "
+            "--md-no-true-term"
+        )
     if args.md and args.md_beta > 0 and not args.md_masks:
         raise ConfigError(
             "--md-beta > 0 needs --md-masks (foreground masks from `md-doctor masks`)"

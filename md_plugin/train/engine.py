@@ -149,7 +149,14 @@ def train_one_epoch(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    sums = {"loss": 0.0, "ce": 0.0, "md_channel": 0.0, "md_spatial": 0.0}
+    sums = {
+        "loss": 0.0,
+        "ce": 0.0,
+        "md_channel": 0.0,
+        "md_spatial": 0.0,
+        "md_irr_mass": 0.0,
+        "md_irr_share": 0.0,
+    }
     n_seen = 0
     skipped_epoch = 0
     if partial:
@@ -179,7 +186,7 @@ def train_one_epoch(
                 logits = model(x)
                 ce = criterion(logits, y)
                 loss = ce
-                if doctor is not None and doctor.active:
+                if doctor is not None and doctor.computes:  # training on it, or --md-monitor
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
                     md_y = y.argmax(-1) if y.dim() == 2 else y  # soft targets: dominant label
                     md_loss, parts = doctor.loss(logits, md_y, fg, has, grad_scale=grad_scale)
@@ -228,6 +235,9 @@ def train_one_epoch(
             if parts is not None:
                 sums["md_channel"] += float(parts["md_channel"]) * bs
                 sums["md_spatial"] += float(parts["md_spatial"]) * bs
+                for key in ("md_irr_mass", "md_irr_share"):
+                    if key in parts:
+                        sums[key] += float(parts[key]) * bs
             if (
                 accelerator.is_main_process
                 and args.log_interval

@@ -296,8 +296,11 @@ def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
         total_epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
     generator = torch.Generator()
-    if sampler is None:
-        sampler = RandomSampler(train_ds, generator=generator)
+    if sampler is None:  # plain shuffling; --sampler-epoch-length draws that many per epoch
+        sampler = RandomSampler(
+            train_ds, num_samples=args.sampler_epoch_length, generator=generator
+        )
+        check_batch_size(len(sampler), args.batch_size)
     else:
         check_batch_size(len(sampler), args.batch_size)
     workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=False)
@@ -713,7 +716,7 @@ def _setup_doctor(
     doctor = ModelDoctor(
         unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
-        num_classes=num_classes, input_size=data_config["input_size"],
+        loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=num_classes, input_size=data_config["input_size"],
     )  # fmt: skip
     if before is None:
         doctor.capture.enabled = False
