@@ -177,9 +177,12 @@ def test_inert_flags_warn_once_when_their_flag_is_off(tmp_path):
         "--wandb-project (needs --log-wandb)",
     ):
         assert part in msgs[0]
+    with pytest.warns(UserWarning, match=r"--bce-target-thresh \(needs --bce-loss\)"):
+        parse_args(["-c", _yaml(tmp_path, "bce_target_thresh: 0.2\n")])  # set in a file too
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_args([])  # nothing to warn about at the defaults
+        parse_args(["-c", str(DATA / "timm_args_head.yaml")])
 
 
 def test_older_timm_keys_map_onto_flags(tmp_path):

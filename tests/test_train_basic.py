@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +34,12 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def baseline_run(cifar10_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(out),
-                     "--experiment", "base"])  # fmt: skip
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the run logs to sys.stdout: keep its log
+        rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(out),
+                         "--experiment", "base"])  # fmt: skip
     assert rc == 0
+    (out / "base.log").write_text(log.getvalue())  # beside the run folder, not in it
     return out / "base"
 
 
@@ -55,6 +61,22 @@ def test_plain_run_writes_timm_style_outputs(baseline_run):
     assert len(best["accuracy"]) == 10
     counts = json.loads((baseline_run / "train_counts.json").read_text())
     assert counts["counts"] == [20] * 10
+
+
+def test_best_metric_epoch_matches_summary_row(baseline_run):
+    """The "*** Best metric" epoch counts as the "Epoch N/M" lines do (summary.csv: N - 1)."""
+    log = (baseline_run.parent / "base.log").read_text()
+    m = re.search(r"\*\*\* Best metric: ([0-9.]+) \(epoch (\d+)\)", log)
+    assert m, log
+    best, n = float(m.group(1)), int(m.group(2))
+    rows = _rows(baseline_run / "summary.csv")
+    top1 = [float(r["eval_top1"]) for r in rows]
+    # the first epoch reaching the maximum is the best one (a tie does not replace it)
+    assert rows[n - 1]["epoch"] == str(n - 1) and top1[n - 1] == pytest.approx(best, abs=1e-4)
+    assert best == pytest.approx(max(top1), abs=1e-4) and all(t < best for t in top1[: n - 1])
+    line = next(ln for ln in log.splitlines() if ln.startswith(f"Epoch {n}/2 "))
+    assert f"top1 {best:.2f}" in line
+    assert json.loads((baseline_run / "best_per_class.json").read_text())["epoch"] == n - 1
 
 
 def test_args_yaml_reloads_as_config(baseline_run, tmp_path):

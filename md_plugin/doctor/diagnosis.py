@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, MDError
 from ..layers import FeatureCapture, LayerRef, resolve_layers
-from .masks import MASK_RULES, compute_masks
+from .masks import MASK_RULES, check_mask_options, compute_masks
 
 __all__ = [
     "Diagnosis",
@@ -100,8 +98,10 @@ class Diagnosis:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically (temp file + rename)."""
-        from safetensors.torch import save_file
+        """Write a safetensors file atomically (unique temp file, fsync, rename)."""
+        from safetensors.torch import save
+
+        from ..files import atomic_write
 
         path = Path(path)
         tensors = {"counts": self.counts.to(torch.int64).contiguous()}
@@ -115,16 +115,8 @@ class Diagnosis:
             "fingerprint": json.dumps(self.fingerprint),
             "options": json.dumps(self.options),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        data = save(tensors, metadata=meta)
+        return atomic_write(path, lambda f: f.write(data))
 
     @classmethod
     def load(cls, path: str | Path) -> Diagnosis:
@@ -311,6 +303,8 @@ def diagnose(
         refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
     else:
         refs = list(layers)  # type: ignore[arg-type]
+    # the mask options are used only after the whole pass: refuse bad ones before it
+    check_mask_options(mask_rule, theta, topk, min(r.channels for r in refs))
     device = next(model.parameters()).device
     buf = _TopN(num_classes, per_class, [r.channels for r in refs])
     was_training = model.training

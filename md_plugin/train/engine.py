@@ -68,6 +68,19 @@ def _all_finite(accelerator, value: torch.Tensor) -> bool:
     return bool(flag.item() == 1.0)
 
 
+def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a train-mode forward pass updates: BatchNorm (and tracked InstanceNorm) stats.
+
+    A skipped step must not keep them: a non-finite forward would otherwise leave NaN running
+    statistics behind while the weights look fine, and the next checkpoint would carry them.
+    """
+    out: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out += [b for b in m.buffers(recurse=False) if b is not None]
+    return out
+
+
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -149,6 +162,8 @@ def train_one_epoch(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    stats = running_stat_buffers(model)
+    stats_before = [b.clone() for b in stats]  # restored when a step is skipped
     sums = {
         "loss": 0.0,
         "ce": 0.0,
@@ -181,6 +196,9 @@ def train_one_epoch(
             x, y = mixup_fn(x, y)
         ok, what = True, ""
         parts = None
+        with torch.no_grad():
+            for saved, b in zip(stats_before, stats):
+                saved.copy_(b)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
@@ -214,6 +232,9 @@ def train_one_epoch(
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not ok:
+            with torch.no_grad():  # the skipped forward pass leaves no trace in BatchNorm
+                for saved, b in zip(stats_before, stats):
+                    b.copy_(saved)
             skipped_epoch += 1
             _bad_step(state, args, epoch, step, what, accelerator)
         else:

@@ -71,7 +71,9 @@ def create_train_loss(args: argparse.Namespace, counts: Sequence[int]) -> nn.Mod
 
     mixup/cutmix: SoftTargetCrossEntropy (or BinaryCrossEntropy with ``--bce-loss``; the mixed
     targets already carry the smoothing). Otherwise ``--bce-loss`` is BinaryCrossEntropy with
-    ``--smoothing``, and anything else is ``create_loss(--loss ...)``.
+    ``--smoothing``, and anything else is ``create_loss(--loss ...)``. One deliberate difference:
+    timm's train.py silently trains plain CE for ``--bce-loss --smoothing 0`` without mixup;
+    here that is BCE without smoothing, as asked.
     """
     from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
