@@ -255,3 +255,26 @@ def test_model_kwargs_parsed_as_yaml_scalars():
 
 def test_positional_data_is_data_dir():
     assert parse_args(["/some/dir"]).data_dir == "/some/dir"
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--mixup", "0.2", "--loss", "focal"], "--loss focal needs integer labels"),
+        (["--bce-loss", "--loss", "ldam"], "--loss ldam needs integer labels: it cannot be combined with --bce-loss"),
+        (["--cutmix", "1", "--drw-epoch", "3"], "--drw-epoch re-weights --loss ce"),
+        (["--aug-repeats", "3", "--sampler", "sqrt"], "--aug-repeats and --sampler sqrt"),
+        (["--md", "--md-masks", "m/", "--aa", "rand-m9-mstd0.5"], "--md-masks .* --aa rand-m9-mstd0.5"),
+        (["--md", "--md-masks", "m/", "--mixup", "0.2"], "--md-masks .*--mixup/--cutmix"),
+        (["--md", "--md-masks", "m/", "--train-crop-mode", "rkrr"], "--md-masks .*rkrr"),
+    ],
+)  # fmt: skip
+def test_recipe_combinations_refused_in_one_line(argv, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        parse_args(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_masks_with_photometric_recipe_are_fine():
+    a = parse_args(["--md", "--md-masks", "m/", "--reprob", "0.3", "--grayscale-prob", "0.2"])
+    assert a.md_masks == "m/" and a.reprob == 0.3

@@ -22,13 +22,6 @@ from md_plugin.train.recipe import (
 C = 5
 
 
-@pytest.fixture(autouse=True)
-def _recipe_flags_parse(monkeypatch):  # until the trainer wires them, parse_args refuses them
-    import md_plugin.train.args as args_mod
-
-    monkeypatch.setattr(args_mod, "_PENDING", {})
-
-
 def _batch(b: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 3, 8, 8, generator=g), torch.arange(b) % C
@@ -143,3 +136,45 @@ def test_resplit_erases_only_the_second_half():
     out = aug(x.clone(), torch.zeros(8, dtype=torch.long))[0]
     assert torch.equal(out[:4], x[:4])
     assert all((out[i] == 0).any() for i in range(4, 8))
+
+
+def test_drop_block_and_head_init_reach_the_model():
+    from timm.layers import DropBlock2d
+
+    from md_plugin.train.phases import create_md_model
+
+    torch.manual_seed(0)
+    ref = create_md_model(parse_args(["--model", "resnet18"]), 3)
+    torch.manual_seed(0)
+    a = parse_args(["--model", "resnet18", "--drop-block", "0.1", "--head-init-scale", "0.001",
+                    "--head-init-bias", "0.5"])  # fmt: skip
+    m = create_md_model(a, 3)
+    blocks = [mod for mod in m.modules() if isinstance(mod, DropBlock2d)]
+    assert blocks and all(b.drop_prob == 0.1 for b in blocks)
+    assert not any(isinstance(mod, DropBlock2d) for mod in ref.modules())
+    assert torch.allclose(m.fc.weight, ref.fc.weight * 0.001)
+    assert torch.equal(m.fc.bias, torch.full((3,), 0.5))
+
+
+def test_device_flag(monkeypatch):
+    from md_plugin.train.phases import _import_device_modules, _select_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"--device cuda:1: this machine has 0 CUDA device"):
+            _select_device(parse_args(["--device", "cuda:1"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="accelerate launch --gpu_ids"):
+        _select_device(parse_args(["--device", "cuda:0"]))
+    _select_device(parse_args(["--device", "cpu"]))  # nothing to do
+    _import_device_modules(parse_args(["--device-modules", "json", "csv"]))
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        _import_device_modules(parse_args(["--device-modules", "no_such_module_xyz"]))
+
+
+def test_transform_kwargs_follow_the_flags():
+    from md_plugin.data.transforms import train_transform_kwargs
+
+    kw = train_transform_kwargs(parse_args([]))
+    assert kw["interpolation"] == "random" and kw["remode"] == "pixel" and kw["color_jitter"] == 0.4
+    kw = train_transform_kwargs(parse_args(["--reprob", "0.5", "--resplit"]))
+    assert kw["reprob"] == 0.0  # erasing moves to the batch (BatchAugment)

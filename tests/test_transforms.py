@@ -29,7 +29,7 @@ def _flat(value: int = 128) -> Image.Image:
 def test_still_transform_is_exact_normalisation():
     img = _image()
     out = create_train_transform(CFG, **STILL)(img)
-    ref = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255 * 2 - 1
+    ref = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 * 2 - 1
     assert torch.allclose(out, ref, atol=1e-6)
 
 

@@ -177,7 +177,6 @@ _INERT_FLAGS: dict[str, dict[str, Any]] = {
 # timm flags that tune only timm machinery accelerate replaces: no effect on what is trained
 NO_OPS: dict[str, str] = {
     "no_prefetcher": "timm's CUDA prefetcher is not used; batches are moved by accelerate",
-    "pin_mem": "pinned memory only changes host-to-device copy speed",
     "local_rank": "accelerate / torchrun set the ranks",
     "synchronize_step": "a CUDA synchronize per step only changes timing",
     "use_multi_epochs_loader": "keeping workers alive across epochs only changes speed",
@@ -209,15 +208,6 @@ NULL_VALUES: dict[str, Any] = {
     "worker_seeding": "all",
     "amp_impl": "native",
 }
-
-# implemented flags not yet wired into the trainer: refused unless at this value
-_PENDING: dict[str, Any] = {
-    "aa": None, "aug_repeats": 0, "bce_loss": False, "mixup": 0.0, "cutmix": 0.0,
-    "cutmix_minmax": None, "drop_block": None, "train_crop_mode": None,
-    "color_jitter_prob": None, "grayscale_prob": None, "gaussian_blur_prob": None,
-    "remode": "pixel", "recount": 1, "resplit": False, "head_init_scale": None,
-    "head_init_bias": None, "device_modules": None,
-}  # fmt: skip
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _TRAIN_INTERPOLATIONS = ("", "random", "bilinear", "bicubic", "nearest")
@@ -567,6 +557,9 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--checkpoint-hist", type=int, default=10)
     g.add_argument("-j", "--workers", type=int, default=4)
+    g.add_argument(
+        "--pin-mem", action="store_true", default=False, help="pinned memory in the DataLoaders"
+    )
     g.add_argument("--output", default="", help="output root (default ./output/train)")
     g.add_argument("--experiment", default="", help="run folder name under --output")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"])
@@ -589,7 +582,6 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-prefetcher", action="store_true", default=False, help=NO_OPS["no_prefetcher"]
     )
-    g.add_argument("--pin-mem", action="store_true", default=False, help=NO_OPS["pin_mem"])
     g.add_argument("--local_rank", "--local-rank", type=int, default=0, help=NO_OPS["local_rank"])
     g.add_argument(
         "--synchronize-step", action="store_true", default=False, help=NO_OPS["synchronize_step"]
@@ -861,7 +853,7 @@ def _number_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
         (0 <= args.vflip <= 1, f"--vflip must be in [0, 1], got {args.vflip}"),
         (0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}"),
         (
-            0 <= args.color_jitter < math.inf,
+            opt(args.color_jitter, lambda v: 0 <= v < math.inf),  # None (YAML null): no jitter
             f"--color-jitter must be >= 0, got {args.color_jitter}",
         ),
         (
@@ -875,13 +867,6 @@ def _number_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
 
 def _validate(args: argparse.Namespace) -> None:
     _check_refused(args)
-    pending = [
-        f"--{d.replace('_', '-')}" for d in sorted(_PENDING) if getattr(args, d) != _PENDING[d]
-    ]
-    if args.device and str(args.device).startswith("cuda:"):
-        pending.append("--device cuda:N")
-    if pending:
-        raise ConfigError(f"not supported by train_md.py yet: {', '.join(pending)}")
     _normalise(args)
     checks = [
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
@@ -908,20 +893,19 @@ def _validate(args: argparse.Namespace) -> None:
             f"--sampler-epoch-length must be >= 1, got {args.sampler_epoch_length}",
         ),
     ]
-    probs = ("hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob", "color_jitter_prob",
+    probs = ("mixup_prob", "mixup_switch_prob", "color_jitter_prob",
              "grayscale_prob", "gaussian_blur_prob")  # fmt: skip
     for name in probs:
         v = getattr(args, name)
         checks.append((v is None or 0.0 <= v <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {v}"))  # fmt: skip
     mm = args.cutmix_minmax
     checks += [
-        (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+        (0 <= args.mixup < math.inf and 0 <= args.cutmix < math.inf, "--mixup and --cutmix must be finite and >= 0"),
         (mm is None or (len(mm) == 2 and 0 < mm[0] <= mm[1] <= 1),
          f"--cutmix-minmax takes two fractions 0 < min <= max <= 1, got {mm}"),
-        (args.color_jitter is None or args.color_jitter >= 0, "--color-jitter must be >= 0"),
         (args.recount >= 1, f"--recount must be >= 1, got {args.recount}"),
-        (args.aug_repeats >= 0, f"--aug-repeats must be >= 0, got {args.aug_repeats}"),
-        (args.layer_decay is None or args.layer_decay > 0, "--layer-decay must be > 0"),
+        (0 <= args.aug_repeats < math.inf, f"--aug-repeats must be >= 0, got {args.aug_repeats}"),
+        (args.layer_decay is None or 0 < args.layer_decay < math.inf, "--layer-decay must be > 0"),
         (args.validation_batch_size_multiplier >= 1, "--validation-batch-size-multiplier must be >= 1"),
         (args.train_interpolation in _TRAIN_INTERPOLATIONS,
          f"--train-interpolation {args.train_interpolation!r}: choose from random, bilinear, bicubic, nearest"),
@@ -956,6 +940,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--drw-epoch re-weights --loss ce; it cannot be combined with mixup/cutmix or --bce-loss"
         )
+    if args.aug_repeats and args.sampler_epoch_length:
+        raise ConfigError("--aug-repeats and --sampler-epoch-length both set the epoch: use one")
     if args.aug_repeats and args.sampler:
         raise ConfigError(
             f"--aug-repeats and --sampler {args.sampler} both choose the samples: use one"
