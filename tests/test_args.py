@@ -142,6 +142,13 @@ def test_timm_1_0_31_keys_are_known(tmp_path):
         parse_args(["-c", _yaml(tmp_path, "stop_epoch: 3\n")])
 
 
+def test_timm_0_4_keys_are_known(tmp_path):
+    a = parse_args(
+        ["-c", _yaml(tmp_path, "bn_tf: false\njsd: false\nvalidation_batch_size_multiplier: 1\n")]
+    )
+    assert a.bn_tf is False and a.jsd is False and a.validation_batch_size is None
+
+
 def test_every_flag_is_in_help():
     parser = create_parser()
     text = parser.format_help()

@@ -417,7 +417,8 @@ def build_model_and_task(ctx: RunContext) -> None:
     else:
         check_batch_size(len(sampler), args.batch_size)
     ctx.sampler = sampler
-    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=args.pin_mem)
+    pin = args.pin_mem and torch.cuda.is_available()  # pinned memory only helps copies to a GPU
+    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=pin)
     train_loader = DataLoader(
         train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True, **workers
     )
