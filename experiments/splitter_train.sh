@@ -18,9 +18,9 @@ COMMON=(--dataset torch/cifar10 --data-dir "$DATA" --output "$OUT" -b 128 --opt 
         --crop-padding 4 --color-jitter 0 --workers 0 --no-progress --log-interval 0 --seed 0
         --data-seed 0)
 S=experiments/splitter
-# The shared 2-core machine gives each process a small slice (~5% of a core at load ~18), so a
-# run is split over several CPU processes (DDP, the same total batch): the same core-minutes,
-# done sooner. launch NAME NPROC ARGS...: like run() in common.sh, under accelerate.
+# launch NAME NPROC ARGS...: like run() in common.sh, under accelerate (DDP over NPROC CPU
+# processes, the same total batch). Default 1 process: 8 processes (~700 MB each) plus the other
+# sessions' jobs ran this 24 GB machine out of memory.
 launch() {
   local name=$1 nproc=$2
   shift 2
@@ -39,9 +39,10 @@ stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(strong weak0 weak2 weak4)
 for what in "${stages[@]}"; do
   case $what in
-    strong) launch strong_r20_c04 "${NPROC_STRONG:-8}" --model resnet20_cifar \
+    strong) launch strong_r20_c04 "${NPROC_STRONG:-1}" --model resnet20_cifar \
               --class-map $S/strong_0-4.txt --val-from-train 2500 \
-              -b $((128 / ${NPROC_STRONG:-8})) --epochs 2 --lr 0.1 --warmup-epochs 0 ;;
+              -b $((128 / ${NPROC_STRONG:-1})) --epochs "${STRONG_EPOCHS:-2}" --lr 0.1 \
+              --warmup-epochs 0 ;;
     weak[024]) tc=${what#weak}  # one process each, one after another (shared machine)
               run weak_tc$tc --model simcnn_weak --class-map $S/weak_tc$tc.txt --class-cap 500 \
                 --val-from-train 0.2 -b 64 --epochs 6 --lr 0.02 --weight-decay 1e-4 \
