@@ -28,10 +28,13 @@ launch() {
   rm -rf "${OUT:?}/$name"
   local port=$((29500 + RANDOM % 400))
   echo "[$(date -Is)] start $name ($nproc processes): train_md.py ${COMMON[*]} $*" | tee "$OUT/$name.log"
-  ACCELERATE_USE_CPU=1 python -m accelerate.commands.launch --multi_gpu --num_processes "$nproc" \
-    --num_machines 1 \
-    --mixed_precision no --dynamo_backend no --main_process_port "$port" \
-    train_md.py "${COMMON[@]}" "$@" --experiment "$name" >>"$OUT/$name.log" 2>&1
+  if [[ $nproc == 1 ]]; then
+    "$PY" train_md.py "${COMMON[@]}" "$@" --experiment "$name" >>"$OUT/$name.log" 2>&1
+  else
+    ACCELERATE_USE_CPU=1 "$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$nproc" \
+      --num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port "$port" \
+      train_md.py "${COMMON[@]}" "$@" --experiment "$name" >>"$OUT/$name.log" 2>&1
+  fi
   touch "$OUT/$name/DONE"
   echo "[$(date -Is)] end $name" | tee -a "$OUT/$name.log"
 }
