@@ -51,7 +51,11 @@ def test_channel_loss_matches_hand_computation():
     x = torch.rand(B, C, 4, 4) + 0.1  # A = x > 0
     y = torch.tensor([0, 1, 2, 3, 0, 2])
     md = ModelDoctor(
-        model, _diagnosis(model, "conv", M, (C, 4, 4)), alpha=0.7, input_size=(C, 4, 4)
+        model,
+        _diagnosis(model, "conv", M, (C, 4, 4)),
+        alpha=0.7,
+        input_size=(C, 4, 4),
+        capture_eval=True,
     )
     logits = model(x)
     loss, parts = md.loss(logits, y)
@@ -126,7 +130,11 @@ def test_penalised_gradient_equals_finite_differences():
     y = torch.tensor([0, 2, 1])
     masks = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
     md = ModelDoctor(
-        m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, input_size=(2, 3, 3)
+        m,
+        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        alpha=1.0,
+        input_size=(2, 3, 3),
+        capture_eval=True,
     )
     logits = m(x)
     loss, _ = md.loss(logits, y)
@@ -157,7 +165,7 @@ def test_double_backward_gradient_matches_finite_differences():
     y = torch.tensor([1, 0])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
     md = ModelDoctor(m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, beta=0.5,
-                     input_size=(2, 3, 3))  # fmt: skip
+                     input_size=(2, 3, 3), capture_eval=True)  # fmt: skip
     fg = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
     fg[:, :, 1:, 1:] = 1
     has = torch.tensor([True, False])
@@ -187,7 +195,11 @@ def test_loss_is_per_sample_normalised():
     y = torch.tensor([0, 1, 2, 1])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
     md = ModelDoctor(
-        m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, input_size=(2, 3, 3)
+        m,
+        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        alpha=1.0,
+        input_size=(2, 3, 3),
+        capture_eval=True,
     )
     a = md.loss(m(x), y)[0].item()
     b = md.loss(m(torch.cat([x, x])), torch.cat([y, y]))[0].item()
@@ -200,7 +212,7 @@ def test_batched_grads_scale_and_bf16_agree():
     y = torch.tensor([0, 1, 2, 1])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
     diag = _diagnosis(m, "body.conv", masks, (2, 3, 3))
-    md = ModelDoctor(m, diag, alpha=1.0, input_size=(2, 3, 3))
+    md = ModelDoctor(m, diag, alpha=1.0, input_size=(2, 3, 3), capture_eval=True)
     ref = md.loss(m(x), y)[0].item()
     md.batched = True
     assert md.loss(m(x), y)[0].item() == pytest.approx(ref, rel=1e-10)
@@ -209,7 +221,7 @@ def test_batched_grads_scale_and_bf16_agree():
     assert md.loss(m(x), y, grad_scale=1024.0)[0].item() == pytest.approx(ref, rel=1e-10)
     md.remove()
     mf = copy.deepcopy(m).float()
-    mdf = ModelDoctor(mf, diag, alpha=1.0, input_size=(2, 3, 3))
+    mdf = ModelDoctor(mf, diag, alpha=1.0, input_size=(2, 3, 3), capture_eval=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mf(x.float())
         val = mdf.loss(out, y)[0]
@@ -222,7 +234,11 @@ def test_alpha_zero_costs_nothing_and_returns_zero():
     m = _tiny(4)
     masks = torch.ones(3, 3, dtype=torch.bool)
     md = ModelDoctor(
-        m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=0.0, input_size=(2, 3, 3)
+        m,
+        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        alpha=0.0,
+        input_size=(2, 3, 3),
+        capture_eval=True,
     )
     assert not md.active
     loss, parts = md.loss(m(torch.randn(2, 2, 3, 3, dtype=torch.float64)), torch.tensor([0, 1]))
@@ -234,7 +250,12 @@ def test_spatial_loss_hand_value_zero_on_foreground():
     model = Linearish(W)
     M = torch.ones(2, 2, dtype=torch.bool)  # no channel penalty from the true class
     md = ModelDoctor(
-        model, _diagnosis(model, "conv", M, (2, 4, 4)), alpha=0.0, beta=2.0, input_size=(2, 4, 4)
+        model,
+        _diagnosis(model, "conv", M, (2, 4, 4)),
+        alpha=0.0,
+        beta=2.0,
+        input_size=(2, 4, 4),
+        capture_eval=True,
     )
     x = torch.rand(3, 2, 4, 4) + 0.1
     y = torch.tensor([0, 1, 1])
