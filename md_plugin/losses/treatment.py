@@ -124,7 +124,11 @@ class ModelDoctor:
         if size is not None:
             self._bind(tuple(size))
         if input_size is None:  # (re)bind at the size the training data has
-            self._first = model.register_forward_pre_hook(self._bind_first)
+
+            def first(mod: nn.Module, args: tuple) -> None:  # a closure: deepcopy-safe
+                self._bind_first(mod, args)
+
+            self._first = model.register_forward_pre_hook(first)
         if self.active:
             self._disable_fused_attention()
 
@@ -175,6 +179,14 @@ class ModelDoctor:
     @property
     def active(self) -> bool:
         return self.alpha > 0 or self.beta > 0
+
+    def strip(self, copy: nn.Module) -> None:
+        """Remove this doctor's hooks from a deep copy of the model (e.g. an EMA model)."""
+        if self.capture is not None:
+            self.capture.strip(copy)
+        if self._first is not None:
+            for m in copy.modules():
+                m._forward_pre_hooks.pop(self._first.id, None)
 
     def remove(self) -> None:
         """Remove the hooks and restore fused attention."""
@@ -234,6 +246,8 @@ class ModelDoctor:
         if self.capture is None:
             raise RuntimeError("ModelDoctor.loss called before any forward pass of the model")
         targets = self.hard_targets(logits, targets)
+        if self.masks and self.masks[0].device != logits.device:  # the model moved since
+            self.masks = [m.to(logits.device) for m in self.masks]
         feats = self.capture.features()
         self.capture.clear()
         use_spatial = (
