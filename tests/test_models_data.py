@@ -120,3 +120,23 @@ def test_transformed_dataset_yields_masks_only_where_annotated(cifar10_root):
     x, y, m, has = ds[4]
     assert not has and m.sum() == 32 * 32
     assert len(TransformedDataset(base, create_eval_transform(cfg))[0]) == 2
+
+
+def test_simcnn_weak_registered_with_timm():
+    """CNNSplitter's weak net: 4 x (conv3x3 64 + ReLU + pool) -> FC 256 -> N, with timm's API."""
+    m = timm.create_model("simcnn_weak", num_classes=6).eval()
+    # by hand: conv 3->64 (1728 + 64), three convs 64->64 (36864 + 64 each), fc 256*6 + 6
+    assert sum(p.numel() for p in m.parameters()) == 1792 + 3 * 36928 + 1542
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 6)
+    f = m.forward_features(x)
+    assert f.shape == (2, 64, 2, 2) and m.num_features == 256
+    assert torch.equal(m.forward_head(f, pre_logits=True), f.flatten(1))
+    assert m.pretrained_cfg["input_size"] == (3, 32, 32)
+    m.reset_classifier(3)
+    assert m(x).shape == (2, 3) and m.get_classifier() is m.fc
+    from md_plugin.layers.select import resolve_layers
+
+    assert [r.name for r in resolve_layers(m, "last_conv")] == ["features.9"]
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("simcnn_weak", pretrained=True)

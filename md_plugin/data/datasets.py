@@ -8,7 +8,8 @@ with its foreground mask when one exists (the spatial loss).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from .cifar import CIFAR10, CIFAR100
 
 __all__ = [
     "create_dataset",
+    "create_datasets",
+    "DataSplits",
     "TransformedDataset",
     "get_targets",
     "get_class_names",
@@ -139,6 +142,81 @@ def create_dataset(
         return timm_create_dataset(name, root=str(root), split=split, download=download, **kwargs)
     except (ValueError, RuntimeError, FileNotFoundError, AssertionError) as e:
         raise ConfigError(f"cannot create dataset {name!r}: {e}") from None
+
+
+@dataclass
+class DataSplits:
+    """What a run trains on, selects on (``val``) and reports once at the end (``test``).
+
+    Without a hold-out, ``val`` is the ``--val-split`` and ``test`` is ``None`` (timm's
+    behaviour). With ``val_from_train``, ``val`` is carved from the training images and ``test``
+    is the ``--val-split``. ``info`` records how the sets were made (for logs and args files).
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def create_datasets(
+    name: str,
+    root: str | Path | None,
+    train_split: str = "train",
+    val_split: str = "validation",
+    *,
+    class_map: str | Path | Mapping[Any, Any] | None = None,
+    class_cap: Sequence[str] | str | int | None = None,
+    val_from_train: int | float | str | None = None,
+    data_seed: int = 0,
+    **kwargs: Any,
+) -> DataSplits:
+    """Train / val / test sets: ``create_dataset`` + class map + class cap + hold-out.
+
+    Order: the class map (subset and relabel, both splits), then the per-class cap (training
+    split only, seeded by ``data_seed``), then the stratified hold-out of ``val_from_train``
+    images (or fraction) from what is left (``data_seed`` again). The same arguments always give
+    the same three sets, so a later tool can rebuild the held-out images of a trained model from
+    its ``args.yaml``.
+    """
+    from .class_map import LabelledSubset, apply_class_cap, apply_class_map, parse_class_cap
+    from .split import stratified_split
+
+    train = create_dataset(name, root, train_split, **kwargs)
+    evalset = create_dataset(name, root, val_split, **kwargs)
+    info: dict[str, Any] = {}
+    if class_map:
+        train = apply_class_map(train, class_map, root)
+        evalset = apply_class_map(evalset, class_map, root)
+        info["classes"] = list(train.classes)  # type: ignore[attr-defined]
+    targets = get_targets(train)
+    if not targets:
+        raise DataError("the training set is empty" + (" after --class-map" if class_map else ""))
+    num_classes = len(train.classes) if class_map else max(targets) + 1  # type: ignore[attr-defined]
+    if class_map:
+        counts = np.bincount(targets, minlength=num_classes)
+        empty = [c for c in range(num_classes) if counts[c] == 0]
+        if empty:
+            raise DataError(f"class map leaves class(es) {empty} without training images")
+    caps = parse_class_cap(class_cap, num_classes)
+    if caps:
+        train = apply_class_cap(train, caps, data_seed)
+        targets = get_targets(train)
+        info["class_cap"] = {int(c): int(n) for c, n in sorted(caps.items())}
+    if val_from_train is None or val_from_train == "" or val_from_train == 0:
+        return DataSplits(train, evalset, None, info)
+    keep, held = stratified_split(targets, val_from_train, data_seed)
+    t = np.asarray(targets, dtype=np.int64)
+    classes = get_class_names(train, num_classes)
+    val = LabelledSubset(train, held, t[held], classes)
+    train = LabelledSubset(train, keep, t[keep], classes)
+    info["val_from_train"] = {
+        "held_out": int(len(held)),
+        "per_class": np.bincount(t[held], minlength=num_classes).tolist(),
+        "seed": int(data_seed),
+        "source_indices": val.source_indices.tolist(),
+    }
+    return DataSplits(train, val, evalset, info)
 
 
 def get_targets(ds: Dataset) -> list[int]:

@@ -1,5 +1,6 @@
 """Model definitions registered with timm (import registers them)."""
 
 from .cifar_resnet import CifarResNet
+from .simcnn_weak import SimCNNWeak
 
-__all__ = ["CifarResNet"]
+__all__ = ["CifarResNet", "SimCNNWeak"]
