@@ -209,7 +209,7 @@ def test_channel_loss_equals_the_permuted_reference(name, layer, channel_dim):
 
 def test_spatial_loss_on_tokens_uses_the_patch_grid_not_the_class_token():
     m = _model("vit_tiny_patch16_224")
-    ref, _, diag = _diag_for(m, "blocks.1")
+    ref, _, diag = _diag_for(m, "blocks.0")  # patch tokens feed block 1
     md = ModelDoctor(m, diag, alpha=0.0, beta=1.0, capture_eval=True)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, *S32, generator=gen)
@@ -229,6 +229,7 @@ def test_spatial_loss_on_tokens_uses_the_patch_grid_not_the_class_token():
         grid = g[0, 1:, :].reshape(4, 4, -1)  # [h, w, C]
         assert g[0, 0].abs().sum() > 0  # the class token has gradient, but no position
         total += grid[2:].abs().sum().item()  # background rows
+    assert total > 0
     assert parts["md_spatial"].item() == pytest.approx(total / 2, rel=1e-4)
     fg[:] = 1.0  # all foreground: nothing left to penalise, class token or not
     assert md.loss(m(x), y, fg, has)[1]["md_spatial"].item() == 0.0
@@ -268,3 +269,28 @@ def test_alpha_zero_leaves_fused_attention_alone():
     md = ModelDoctor(m, diag, alpha=0.0)
     assert all(a.fused_attn for a in m.modules() if hasattr(a, "fused_attn"))
     md.remove()
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [("convnext_atto", "stages.1.blocks.0.mlp.fc2"), ("vit_tiny_patch16_224", "blocks.0")],
+)
+def test_report_gradient_maps_sum_over_the_real_channels(name, layer):
+    from md_plugin import spatial_gradient_maps
+
+    m = _model(name)
+    (ref,) = resolve_layers(m, layer, S32)
+    x = torch.randn(2, *S32, generator=torch.Generator().manual_seed(6))
+    y = [1, 2]
+    maps = spatial_gradient_maps(m, ref.module, x, y, to_map=ref.spatial_map)
+    for b in range(2):
+        box = {}
+        h = ref.module.register_forward_hook(lambda mod, i, o, box=box: box.setdefault("a", o))
+        out = m(x[b : b + 1])
+        h.remove()
+        (g,) = torch.autograd.grad(out[0, y[b]], box["a"])
+        g = g[0, 1:].reshape(4, 4, -1) if ref.layout == "nlc" else g[0]  # [h, w, C] by hand
+        expected = g.clamp_min(0).sum(-1)
+        expected = expected / expected.max()
+        assert maps[b].shape == tuple(expected.shape)
+        torch.testing.assert_close(torch.from_numpy(maps[b]), expected, rtol=1e-4, atol=1e-6)

@@ -296,7 +296,8 @@ def trace_model(model: nn.Module, input_size: Sequence[int] | None = None) -> li
 
 def _ref(e: TraceEntry) -> LayerRef:
     cd = e.channel_dim if e.channel_dim is not None else 1
-    return LayerRef(e.name, e.module, e.shape[cd], e.spatial, e.shape, cd, e.grid, e.prefix_tokens)
+    spatial = len(e.shape) == 4 or e.grid is not None  # has a position map (maybe 1x1)
+    return LayerRef(e.name, e.module, e.shape[cd], spatial, e.shape, cd, e.grid, e.prefix_tokens)
 
 
 def _stem_only(last: TraceEntry, trace: list[TraceEntry]) -> bool:
