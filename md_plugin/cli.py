@@ -127,6 +127,7 @@ def _setup(args: argparse.Namespace, split: str | None = None):
     from .data.transforms import create_eval_transform
     from .train.checkpoint import load_weights
 
+    _check_loader_args(args)
     split = split or args.split
     size = args.input_size[-1] if args.input_size else 32
     ds = create_dataset(
@@ -156,6 +157,13 @@ def _loader(ds, transform, args):
     )
 
 
+def _check_loader_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+
+
 def _guard_out(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise MDError(f"{path} exists; pass --overwrite to replace it")
@@ -164,8 +172,16 @@ def _guard_out(path: Path, overwrite: bool) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from .data.datasets import get_class_names
     from .doctor import diagnose
+    from .doctor.masks import check_mask_options
     from .train.tables import format_diagnosis_table
 
+    # everything that does not need the model is checked before loading data and weights
+    check_mask_options(args.mask_rule, args.theta, args.topk)
+    if args.per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {args.per_class}")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
+    _check_loader_args(args)
     if args.split.lower() not in ("train", "training") and not args.allow_val:
         raise ConfigError(
             f"refusing to diagnose on split {args.split!r}: diagnosis must use training images "

@@ -174,7 +174,7 @@ class ModelDoctorTask(ClassificationTask):
         output = self.trainable_module(input)
         task_loss = self.criterion(output, target)
         result = {"loss": task_loss, "output": output, "task_loss": task_loss.detach()}
-        if self.doctor.active and (self.trainable_module.training or self.doctor.capture_eval):
+        if self.doctor.computes and (self.trainable_module.training or self.doctor.capture_eval):
             md_loss, parts = self.doctor.loss(
                 output, target, fg_masks, has_mask, grad_scale=self._grad_scale()
             )

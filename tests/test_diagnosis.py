@@ -141,18 +141,80 @@ def test_sifting_keeps_top_n_correct_and_confident():
 
 def test_topn_buffer_keeps_highest_confidences_across_batches_and_ranks():
     buf = _TopN(2, 2, [3])
-    buf.add(torch.tensor([0, 0, 1]), torch.tensor([0.5, 0.9, 0.7]), [torch.eye(3)])
-    buf.add(torch.tensor([0, 1]), torch.tensor([0.95, 0.6]), [torch.ones(2, 3) * 2])
+    buf.add(torch.tensor([0, 0, 1]), torch.tensor([0.5, 0.9, 0.7]), torch.tensor([0, 1, 2]),
+            [torch.eye(3)])  # fmt: skip
+    buf.add(torch.tensor([0, 1]), torch.tensor([0.95, 0.6]), torch.tensor([3, 4]),
+            [torch.ones(2, 3) * 2])  # fmt: skip
     assert buf.conf[0].tolist() == pytest.approx([0.95, 0.9])
     assert buf.conf[1].tolist() == pytest.approx([0.7, 0.6])
+    assert buf.index.tolist() == [[3, 1], [2, 4]]
     # merging two ranks' buffers gives the global top-N
-    other = torch.tensor([[0.99, 0.1], [0.65, 0.0]])
+    other = torch.tensor([[0.99, 0.1], [0.65, 0.0]], dtype=torch.float64)
     conf = torch.stack([buf.conf, other])
+    index = torch.stack([buf.index, torch.tensor([[5, 6], [7, 8]])])
     vecs = [torch.stack([buf.vecs[0], torch.full((2, 2, 3), 7.0)])]
-    buf.merge_from(conf, vecs)
+    buf.merge_from(conf, index, vecs)
     assert buf.conf[0].tolist() == pytest.approx([0.99, 0.95])
     assert buf.conf[1].tolist() == pytest.approx([0.7, 0.65])
+    assert buf.index.tolist() == [[5, 3], [2, 7]]
     assert buf.vecs[0][0, 0].tolist() == [7.0, 7.0, 7.0]
+
+
+def test_topn_ties_go_to_the_lower_dataset_index_whatever_the_arrival_order():
+    for order in ([4, 1, 3, 0, 2], [0, 1, 2, 3, 4], [2, 4, 0, 3, 1]):
+        buf = _TopN(1, 2, [1])
+        for i in order:  # one sample per batch, equal keys
+            buf.add(torch.tensor([0]), torch.tensor([5.0]), torch.tensor([i]),
+                    [torch.tensor([[float(i)]])])  # fmt: skip
+        assert buf.index[0].tolist() == [0, 1]
+        assert buf.vecs[0][0, :, 0].tolist() == [0.0, 1.0]
+
+
+class Saturated(nn.Module):
+    """Channels 0-1 carry class evidence (logit margin = their value); channel 2+j is image j's
+    marker, with weight 1 for BOTH classes: it shifts every logit equally (margins unchanged) and
+    gets a positive gradient only in the images that are picked."""
+
+    def __init__(self, n_images: int):
+        super().__init__()
+        c = 2 + n_images
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(c, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(c)[:, :, None, None])
+            w = torch.ones(2, c)
+            w[:, :2] = torch.eye(2)
+            self.fc.weight.copy_(w)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_diagnosis_ranks_saturated_confidences_by_log_odds():
+    """Every image has a float32 softmax of exactly 1.0 (margins 20-60, a float64 log-softmax
+    is 0.0 from ~37 on): the N most confident must still be the N largest margins."""
+    from md_plugin.doctor.diagnosis import true_class_log_odds
+
+    margins = [20.0, 60.0, 25.0, 45.0, 30.0, 50.0]
+    n = len(margins)
+    x = torch.zeros(n, 2 + n, 2, 2)
+    for j, m in enumerate(margins):
+        x[j, 0] = m  # all class 0
+        x[j, 2 + j] = 1e-3  # marker
+    y = torch.zeros(n, dtype=torch.long)
+    model = Saturated(n)
+    logits = model(x)
+    assert (logits.float().softmax(1)[:, 0] == 1.0).all()  # the ties the official code sees
+    assert (logits.double().log_softmax(1)[[1, 3, 5], 0] == 0.0).all()
+    assert true_class_log_odds(logits, y).tolist() == pytest.approx(margins, rel=1e-6)
+    for perm in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]):
+        loader = [(x[[i]], y[[i]]) for i in perm]  # one image per batch, in a shuffled order
+        with pytest.warns(UserWarning, match="no correctly classified"):  # class 1 is empty
+            d = diagnose(model, loader, "conv", 2, per_class=3, input_size=(2 + n, 2, 2))
+        picked = (d.layers["conv"].scores[0, 2:] > 0).nonzero().flatten().tolist()
+        assert picked == [1, 3, 5]  # margins 60, 45, 50
+        assert d.options["rank_by"] == "log_odds_fp64"
 
 
 def test_class_without_images_gets_all_relevant_mask():

@@ -90,6 +90,28 @@ def test_misclassified_in_band_counted_once():
     assert indices(recs) == [3, 4, 10, 11, 12]
 
 
+def test_misclassified_first_orders_saturated_wrong_predictions_by_margin():
+    """Wrong with a float32 softmax of exactly 1.0 for the prediction: the official
+    -conf(pred) score ties; the log-odds still puts the most confidently wrong first."""
+
+    class Logits(nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.register_buffer("z", torch.tensor(rows))
+
+        def forward(self, x):
+            return self.z[x[:, 0, 0, 0].round().long()]
+
+    # all labelled class 0, all predicted class 1 with margins 20, 45, 30, 60
+    rows = [[0.0, m] for m in (20.0, 45.0, 30.0, 60.0)]
+    model = Logits(rows)
+    assert (model.z.softmax(1)[:, 1] == 1.0).all()
+    ids = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 2, 2)
+    loader = DataLoader(TensorDataset(ids.clone(), torch.zeros(4, dtype=torch.long)), batch_size=3)
+    recs = sift_low_confidence(model, loader, 2, per_class=4, misclassified_first=True)
+    assert indices(recs) == [3, 1, 2, 0]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +34,12 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def baseline_run(cifar10_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(out),
-                     "--experiment", "base"])  # fmt: skip
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the run logs to sys.stdout: keep its log
+        rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(out),
+                         "--experiment", "base"])  # fmt: skip
     assert rc == 0
+    (out / "base.log").write_text(log.getvalue())  # beside the run folder, not in it
     return out / "base"
 
 
@@ -55,6 +61,22 @@ def test_plain_run_writes_timm_style_outputs(baseline_run):
     assert len(best["accuracy"]) == 10
     counts = json.loads((baseline_run / "train_counts.json").read_text())
     assert counts["counts"] == [20] * 10
+
+
+def test_best_metric_epoch_matches_summary_row(baseline_run):
+    """The "*** Best metric" epoch counts as the "Epoch N/M" lines do (summary.csv: N - 1)."""
+    log = (baseline_run.parent / "base.log").read_text()
+    m = re.search(r"\*\*\* Best metric: ([0-9.]+) \(epoch (\d+)\)", log)
+    assert m, log
+    best, n = float(m.group(1)), int(m.group(2))
+    rows = _rows(baseline_run / "summary.csv")
+    top1 = [float(r["eval_top1"]) for r in rows]
+    # the first epoch reaching the maximum is the best one (a tie does not replace it)
+    assert rows[n - 1]["epoch"] == str(n - 1) and top1[n - 1] == pytest.approx(best, abs=1e-4)
+    assert best == pytest.approx(max(top1), abs=1e-4) and all(t < best for t in top1[: n - 1])
+    line = next(ln for ln in log.splitlines() if ln.startswith(f"Epoch {n}/2 "))
+    assert f"top1 {best:.2f}" in line
+    assert json.loads((baseline_run / "best_per_class.json").read_text())["epoch"] == n - 1
 
 
 def test_args_yaml_reloads_as_config(baseline_run, tmp_path):
@@ -85,6 +107,41 @@ def test_md_run_from_checkpoint_diagnoses_and_treats(baseline_run, cifar10_root,
     assert (run / "report" / "report.html").exists()
     out = capsys.readouterr().out
     assert "before treatment" in out and "images" in out  # the per-class diagnosis table
+
+
+def test_md_monitor_control_and_share_loss_runs(baseline_run, cifar10_root, tmp_path, capsys):
+    """--md-alpha 0 --md-monitor logs the would-be penalty; --md-loss share trains on the share;
+    --sampler-epoch-length shortens plain-shuffled epochs; all recorded in args.yaml."""
+    common = TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(tmp_path),
+                     "--md", "--md-per-class", "5", "--sampler-epoch-length", "60",
+                     "--no-md-report", "--initial-checkpoint", str(baseline_run / "last.pth.tar")]  # fmt: skip
+    assert cli(common + ["--experiment", "ctl", "--md-alpha", "0", "--md-monitor"]) == 0
+    diag = str(tmp_path / "ctl" / "diagnosis.safetensors")
+    assert cli(common + ["--experiment", "plain", "--md-alpha", "0", "--md-diagnosis", diag]) == 0
+    assert cli(common + ["--experiment", "share", "--md-alpha", "1", "--md-loss", "share",
+                         "--md-diagnosis", diag]) == 0, capsys.readouterr().err  # fmt: skip
+    ctl, plain, share = (_rows(tmp_path / n / "summary.csv") for n in ("ctl", "plain", "share"))
+    assert len(ctl) == 2
+    for r in ctl:  # monitored: the official term and the common statistics, all positive
+        assert float(r["train_md_channel"]) > 0 and float(r["train_md_irr_mass"]) > 0
+        assert 0 < float(r["train_md_irr_share"]) < 1
+    assert float(plain[0]["train_md_channel"]) == 0.0  # not computed without --md-monitor
+    # the monitor changes nothing in training: same losses as the unmonitored control
+    assert [r["train_ce"] for r in ctl] == [r["train_ce"] for r in plain]
+    for r in share:  # the share loss is the logged irrelevant share
+        assert float(r["train_md_channel"]) == pytest.approx(float(r["train_md_irr_share"]))
+        assert float(r["train_loss"]) > float(r["train_ce"])
+    args = yaml.safe_load((tmp_path / "share" / "args.yaml").read_text())
+    assert args["md_loss"] == "share" and args["sampler_epoch_length"] == 60
+    log = capsys.readouterr().out
+    assert "training set: 200 images" in log
+
+
+def test_md_loss_conflicting_flags_are_one_line(cifar10_root, tmp_path, capsys):
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--output", str(tmp_path), "--md",
+                     "--md-loss", "share", "--md-no-true-term"])  # fmt: skip
+    assert rc == 2
+    assert "true-class term" in capsys.readouterr().err
 
 
 def test_md_without_a_trained_model_is_refused(cifar10_root, tmp_path, capsys):

@@ -77,6 +77,64 @@ def test_channel_loss_matches_hand_computation():
     )
 
 
+def test_share_loss_matches_hand_computation_and_is_scale_invariant():
+    torch.manual_seed(1)
+    K, C, B = 3, 5, 4
+    W = torch.rand(K, C) + 0.1
+    M = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    x = torch.rand(B, C, 4, 4) + 0.1
+    y = torch.tensor([0, 1, 2, 0])
+    Wn, Mn = W.numpy().astype(float), M.numpy().astype(float)
+    # relu(G(y)) summed over the 16 cells = W[y]: share = sum W[y](1 - M[y]) / sum W[y]
+    share = np.mean([(Wn[k] * (1 - Mn[k])).sum() / Wn[k].sum() for k in y.tolist()])
+    mass = np.mean([(Wn[k] * (1 - Mn[k])).sum() for k in y.tolist()])
+    for scale in (1.0, 1e-3, 50.0):  # scaling every gradient leaves the share unchanged
+        model = Linearish(W * scale)
+        md = ModelDoctor(model, _diagnosis(model, "conv", M, (C, 4, 4)), alpha=0.3,
+                         loss_kind="share", input_size=(C, 4, 4), capture_eval=True)  # fmt: skip
+        loss, parts = md.loss(model(x), y)
+        assert parts["md_channel"].item() == pytest.approx(share, rel=1e-5)
+        assert loss.item() == pytest.approx(0.3 * share, rel=1e-5)
+        # the common statistics are logged whatever the variant
+        assert parts["md_irr_share"].item() == pytest.approx(share, rel=1e-5)
+        assert parts["md_irr_mass"].item() == pytest.approx(scale * mass, rel=1e-5)
+        md.remove()
+    # true_only = the official true-class term alone; official = true + confusing class terms
+    model = Linearish(W)
+    diag = _diagnosis(model, "conv", M, (C, 4, 4))
+    md = ModelDoctor(
+        model, diag, alpha=1.0, loss_kind="true_only", input_size=(C, 4, 4), capture_eval=True
+    )
+    assert md.loss(model(x), y)[1]["md_channel"].item() == pytest.approx(mass, rel=1e-5)
+    md.remove()
+    md = ModelDoctor(model, diag, alpha=1.0, input_size=(C, 4, 4), capture_eval=True)
+    official = md.loss(model(x), y)[1]
+    assert official["md_channel"].item() > mass + 1e-3
+    assert official["md_irr_mass"].item() == pytest.approx(mass, rel=1e-5)
+
+
+def test_share_loss_zero_mass_sample_is_zero_not_nan():
+    W = torch.tensor([[1.0, 2.0], [-1.0, -3.0]])  # class 1's gradient is never positive
+    model = Linearish(W)
+    M = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
+    md = ModelDoctor(model, _diagnosis(model, "conv", M, (2, 4, 4)), alpha=1.0,
+                     loss_kind="share", input_size=(2, 4, 4), capture_eval=True)  # fmt: skip
+    x = torch.rand(2, 2, 4, 4) + 0.1
+    loss, parts = md.loss(model(x), torch.tensor([0, 1]))
+    assert parts["md_channel"].item() == pytest.approx((2 / 3) / 2, rel=1e-6)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_loss_kind_options_are_checked():
+    model = Linearish(torch.ones(2, 2))
+    diag = _diagnosis(model, "conv", torch.ones(2, 2, dtype=torch.bool), (2, 4, 4))
+    with pytest.raises(ConfigError, match="must be one of"):
+        ModelDoctor(model, diag, loss_kind="ratio", input_size=(2, 4, 4))
+    with pytest.raises(ConfigError, match="true-class term"):
+        ModelDoctor(model, diag, loss_kind="share", true_term=False, input_size=(2, 4, 4))
+
+
 def test_confusing_class_rule():
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [0.0, 1.0, 5.0]])
     y = torch.tensor([0, 1, 1])
@@ -186,6 +244,88 @@ def test_double_backward_gradient_matches_finite_differences():
         num[idx] = (f(w0 + d).item() - f(w0 - d).item()) / 2e-6
     assert torch.allclose(g, num, rtol=1e-4, atol=1e-7)
     assert g.abs().sum() > 0  # the penalty really reaches the parameters (not a no-op)
+
+
+def test_share_loss_gradient_matches_finite_differences():
+    """The share's parameter gradient (through create_graph=True) equals central differences."""
+    m = _tiny(5)
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1])
+    masks = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    md = ModelDoctor(m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0,
+                     loss_kind="share", input_size=(2, 3, 3), capture_eval=True)  # fmt: skip
+    a = m.body(x).detach()
+    # value: rebuild the share from central differences of the head
+    eps = 1e-6
+    g = torch.zeros_like(a)
+    for idx in np.ndindex(*a.shape):
+        d = torch.zeros_like(a)
+        d[idx] = eps
+        b = idx[0]
+        g[idx] = (m.head(a + d)[b, y[b]] - m.head(a - d)[b, y[b]]) / (2 * eps)
+    pos = g.clamp_min(0).sum((2, 3))
+    expected = ((pos * (1 - masks.double()[y])).sum(1) / pos.sum(1)).mean()
+    loss, _ = md.loss(m(x), y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert 0 < loss.item() < 1
+    # parameter gradient
+    w = m.head.conv.weight
+
+    def f(weight):
+        with torch.no_grad():
+            w.copy_(weight)
+        return md.loss(m(x), y)[0]
+
+    w0 = w.detach().clone()
+    (grad,) = torch.autograd.grad(f(w0), w)
+    num = torch.zeros_like(w0)
+    for idx in np.ndindex(*w0.shape):
+        d = torch.zeros_like(w0)
+        d[idx] = 1e-6
+        num[idx] = (f(w0 + d).item() - f(w0 - d).item()) / 2e-6
+    assert torch.allclose(grad, num, rtol=1e-4, atol=1e-8)
+    assert grad.abs().sum() > 0
+
+
+def test_monitor_logs_the_penalty_without_training_on_it():
+    """alpha=0 + monitor: same channel value as a treated run, zero loss, no double backward,
+    and the CE gradient is untouched (the graph survives for the caller's backward)."""
+    m = _tiny(6)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    diag = _diagnosis(m, "body.conv", masks, (2, 3, 3))
+    for kind in ("official", "true_only", "share"):
+        treated = ModelDoctor(
+            m, diag, alpha=0.5, loss_kind=kind, input_size=(2, 3, 3), capture_eval=True
+        )
+        ref = treated.loss(m(x), y)[1]
+        treated.remove()
+        mon = ModelDoctor(
+            m,
+            diag,
+            alpha=0.0,
+            loss_kind=kind,
+            monitor=True,
+            input_size=(2, 3, 3),
+            capture_eval=True,
+        )
+        assert not mon.active and mon.computes
+        m.zero_grad()
+        logits = m(x)
+        loss, parts = mon.loss(logits, y)
+        for key in ("md_channel", "md_irr_mass", "md_irr_share"):
+            assert parts[key].item() == pytest.approx(ref[key].item(), rel=1e-10), (kind, key)
+        assert loss.item() == 0.0 and loss.grad_fn is None and parts["md_channel"].item() > 0
+        (F.cross_entropy(logits, y) + loss).backward()  # the graph was retained
+        g_mon = m.head.conv.weight.grad.clone()
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        assert torch.equal(g_mon, m.head.conv.weight.grad)
+        mon.remove()
+    # without monitor, alpha=0 still costs nothing
+    off = ModelDoctor(m, diag, alpha=0.0, input_size=(2, 3, 3), capture_eval=True)
+    assert not off.computes
 
 
 def test_loss_is_per_sample_normalised():
@@ -362,7 +502,7 @@ def test_penalty_lowers_irrelevant_gradient_mass(trained_digits):
     arms = {}
     for alpha in (0.0, 0.5):
         m = copy.deepcopy(base)
-        md = ModelDoctor(m, diag, alpha=alpha, input_size=(3, 16, 16))
+        md = ModelDoctor(m, diag, alpha=alpha, input_size=(3, 16, 16), capture_eval=True)
         _train(m, x, y, 150, 0.02, md, seed=1)
         md.remove()
         arms[alpha] = _masses(m, diag, x[:512], y[:512])
@@ -379,7 +519,9 @@ def test_true_class_term_moves_gradient_to_relevant_channels(trained_digits):
     shares = {}
     for alpha in (0.0, 0.5):
         m = copy.deepcopy(base)
-        md = ModelDoctor(m, diag, alpha=alpha, confusing_term=False, input_size=(3, 16, 16))
+        md = ModelDoctor(
+            m, diag, alpha=alpha, confusing_term=False, input_size=(3, 16, 16), capture_eval=True
+        )
         _train(m, x, y, 150, 0.02, md, seed=1)
         md.remove()
         irr, rel, acc = _masses(m, diag, x[:512], y[:512])
@@ -433,7 +575,9 @@ def test_spatial_penalty_lowers_background_gradient_mass():
     res = {}
     for beta in (0.0, 0.5):
         m = copy.deepcopy(net)
-        md = ModelDoctor(m, diag, alpha=0.0, beta=beta, input_size=(3, size, size))
+        md = ModelDoctor(
+            m, diag, alpha=0.0, beta=beta, input_size=(3, size, size), capture_eval=True
+        )
         o = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
         gg = torch.Generator().manual_seed(1)
         m.train()

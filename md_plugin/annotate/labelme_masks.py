@@ -22,6 +22,7 @@ Masks are written as ``{index:06d}.png`` (mode ``L``, 0 background, 255 foregrou
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -38,6 +39,9 @@ from .workspace import read_index
 __all__ = ["MaskReport", "MaskWarning", "labelme_to_masks", "mask_file_name"]
 
 SUMMARY_FILE = "masks.json"
+# PIL's default decompression-bomb limit (labelme switches PIL's own check off): a stored size
+# above it is a corrupt value, and rasterising it would allocate gigabytes
+MAX_PIXELS = 89_478_485
 _OWN_JSON = {"index.json", SUMMARY_FILE}
 
 # (min, max) number of points per shape type, checked here so a bad shape is skipped with a
@@ -113,6 +117,11 @@ def _load(path: Path) -> dict[str, Any]:
         v = doc[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise _Skip(f"not a labelme file ({key}={v!r} is not a positive integer)")
+    if doc["imageHeight"] * doc["imageWidth"] > MAX_PIXELS:
+        raise _Skip(
+            f"imageHeight x imageWidth = {doc['imageHeight']}x{doc['imageWidth']} is over the "
+            f"{MAX_PIXELS} pixel limit (a corrupt size, not a real image)"
+        )
     return doc
 
 
@@ -146,7 +155,13 @@ def _resolve(
     return row["index"], (row["orig_height"], row["orig_width"])
 
 
-def _points(shape: dict[str, Any]) -> list[list[float]]:
+def _points(shape: dict[str, Any], hw: tuple[int, int]) -> list[list[float]]:
+    """The shape's points as floats; NaN/inf or points far off the image are refused.
+
+    A point may lie outside the image (labelme lets one drag a vertex past the border), but not
+    by more than the image's own size: beyond that the number is a corrupt value (1e300 would
+    wrap around inside the rasteriser and paint a garbage mask).
+    """
     pts = shape.get("points")
     if not isinstance(pts, list) or not all(
         isinstance(p, list | tuple)
@@ -155,7 +170,17 @@ def _points(shape: dict[str, Any]) -> list[list[float]]:
         for p in pts
     ):
         raise ValueError("points must be a list of [x, y] numbers")
-    return [[float(x), float(y)] for x, y in pts]
+    try:
+        out = [[float(x), float(y)] for x, y in pts]
+    except OverflowError:  # a JSON integer beyond float range
+        raise ValueError("a point coordinate is too large") from None
+    h, w = hw
+    for x, y in out:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"point ({x}, {y}) is not finite")
+        if not (-w <= x <= 2 * w and -h <= y <= 2 * h):
+            raise ValueError(f"point ({x:g}, {y:g}) is far outside the {h}x{w} image")
+    return out
 
 
 def _paste_mask(
@@ -203,7 +228,7 @@ def _rasterise(
             _warn(report.skipped_shapes, where, f"unsupported shape type {kind!r}")
             continue
         try:
-            pts = _points(shape)
+            pts = _points(shape, hw)
         except ValueError as e:
             _warn(report.skipped_shapes, where, str(e))
             continue

@@ -8,6 +8,15 @@ d(sum_b z[b, y_b])/dA_b = dz[b, y_b]/dA_b exactly. Gradients are reduced over sp
 and the top-N per class is kept as a streaming buffer, so memory is O(classes x N x channels)
 whatever the dataset size. Across processes each rank keeps its own top-N and the buffers are
 merged at the end, so every rank ends with identical masks.
+
+"Most confident" is ranked by the true class's log-odds in float64,
+``z_y - logsumexp_{k != y} z_k = log(p_y / (1 - p_y))``: monotone in the softmax probability,
+so it orders images exactly as the probability would with infinite precision, but it does not
+saturate. A trained network gives many training images a float32 softmax of exactly 1.0 (443 of
+10,000 for the 30-epoch resnet20_cifar in shared/checkpoints; a float64 log-softmax saturates
+too, at margins above ~37), and the official code's "top N by softmax" then picks arbitrarily
+among the ties. Exact ties left are broken by the dataset index (lower first), so the selection
+is deterministic. A deliberate difference from the official code.
 """
 
 from __future__ import annotations
@@ -16,8 +25,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +36,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, MDError
 from ..layers import FeatureCapture, LayerRef, resolve_layers
-from .masks import MASK_RULES, compute_masks
+from .masks import MASK_RULES, check_mask_options, compute_masks
 
 __all__ = [
     "Diagnosis",
@@ -37,6 +44,7 @@ __all__ = [
     "diagnose",
     "model_fingerprint",
     "shard_dataset",
+    "true_class_log_odds",
     "GRAD_MODES",
 ]
 
@@ -91,8 +99,10 @@ class Diagnosis:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically (temp file + rename)."""
-        from safetensors.torch import save_file
+        """Write a safetensors file atomically (unique temp file, fsync, rename)."""
+        from safetensors.torch import save
+
+        from ..files import atomic_write
 
         path = Path(path)
         tensors = {"counts": self.counts.to(torch.int64).contiguous()}
@@ -106,16 +116,8 @@ class Diagnosis:
             "fingerprint": json.dumps(self.fingerprint),
             "options": json.dumps(self.options),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        data = save(tensors, metadata=meta)
+        return atomic_write(path, lambda f: f.write(data))
 
     @classmethod
     def load(cls, path: str | Path) -> Diagnosis:
@@ -181,6 +183,17 @@ def model_fingerprint(model: nn.Module, layers: Sequence[LayerRef]) -> dict[str,
     }
 
 
+def true_class_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log(p_y / (1 - p_y)) = z_y - logsumexp_{k != y} z_k`` per sample, in float64.
+
+    Ranks samples like the true-class softmax probability, without saturating at p = 1.
+    """
+    z = logits.detach().double()
+    own = z.gather(1, targets[:, None]).squeeze(1)
+    others = z.scatter(1, targets[:, None], float("-inf"))
+    return own - others.logsumexp(1)
+
+
 def channel_grad(g: torch.Tensor, mode: str, act: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a gradient [B, C, *positions] to per-channel mass [B, C] (positive part or
     magnitude). Pass channels-first tensors (:meth:`LayerRef.channels_first`).
@@ -196,28 +209,51 @@ def channel_grad(g: torch.Tensor, mode: str, act: torch.Tensor | None = None) ->
 
 
 class _TopN:
-    """Per-class buffer of the N most confident samples and their per-channel gradients."""
+    """Per-class buffer of the N top-ranked samples and their per-channel gradients.
+
+    Samples are ranked by ``key`` (higher first), exact ties by dataset index (lower first).
+    """
 
     def __init__(self, num_classes: int, n: int, widths: Sequence[int]):
         self.n = n
-        self.conf = torch.full((num_classes, n), float("-inf"))
+        self.conf = torch.full((num_classes, n), float("-inf"), dtype=torch.float64)
+        self.index = torch.full((num_classes, n), torch.iinfo(torch.int64).max)
         self.vecs = [torch.zeros(num_classes, n, c) for c in widths]
 
-    def add(self, labels: torch.Tensor, conf: torch.Tensor, vecs: Sequence[torch.Tensor]) -> None:
+    @staticmethod
+    def _order(key: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+        """Positions of the ``n`` best along the last dim: key descending, then index ascending."""
+        by_index = index.argsort(dim=-1, stable=True)
+        by_key = key.gather(-1, by_index).argsort(dim=-1, descending=True, stable=True)
+        return by_index.gather(-1, by_key)[..., :n]
+
+    def add(
+        self,
+        labels: torch.Tensor,
+        key: torch.Tensor,
+        index: torch.Tensor,
+        vecs: Sequence[torch.Tensor],
+    ) -> None:
         for k in labels.unique().tolist():
             sel = labels == k
-            cat_conf = torch.cat([self.conf[k], conf[sel]])
-            top = cat_conf.topk(self.n).indices
-            self.conf[k] = cat_conf[top]
+            cat_key = torch.cat([self.conf[k], key[sel].double()])
+            cat_idx = torch.cat([self.index[k], index[sel]])
+            top = self._order(cat_key, cat_idx, self.n)
+            self.conf[k] = cat_key[top]
+            self.index[k] = cat_idx[top]
             for buf, v in zip(self.vecs, vecs):
                 buf[k] = torch.cat([buf[k], v[sel]])[top]
 
-    def merge_from(self, conf: torch.Tensor, vecs: Sequence[torch.Tensor]) -> None:
-        """Merge buffers gathered from all ranks: conf [W, K, N], vecs [W, K, N, C]."""
+    def merge_from(
+        self, conf: torch.Tensor, index: torch.Tensor, vecs: Sequence[torch.Tensor]
+    ) -> None:
+        """Merge buffers gathered from all ranks: conf/index [W, K, N], vecs [W, K, N, C]."""
         w, k, n = conf.shape
         allc = conf.permute(1, 0, 2).reshape(k, w * n)
-        top = allc.topk(self.n, dim=1).indices
+        alli = index.permute(1, 0, 2).reshape(k, w * n)
+        top = self._order(allc, alli, self.n)
         self.conf = allc.gather(1, top)
+        self.index = alli.gather(1, top)
         for i, v in enumerate(vecs):
             allv = v.permute(1, 0, 2, 3).reshape(k, w * n, -1)
             self.vecs[i] = allv.gather(1, top[..., None].expand(-1, -1, allv.shape[-1]))
@@ -251,7 +287,9 @@ def diagnose(
     another layer at another size). With an ``accelerator`` each rank's loader
     should hold its own shard of the images, each image on exactly one rank (see
     :func:`shard_dataset`; a prepared loader pads with repeats), and the per-rank buffers are
-    gathered so every rank gets the same result.
+    gathered so every rank gets the same result. Images are ranked by the true class's float64
+    log-odds (:func:`true_class_log_odds`), ties by dataset index; ``min_confidence`` is a floor
+    on the softmax probability.
     """
     if grad_mode not in GRAD_MODES:
         raise ConfigError(f"grad mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -275,11 +313,16 @@ def diagnose(
         refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
     else:
         refs = list(layers)  # type: ignore[arg-type]
+    # the mask options are used only after the whole pass: refuse bad ones before it
+    check_mask_options(mask_rule, theta, topk, min(r.channels for r in refs))
     device = next(model.parameters()).device
     buf = _TopN(num_classes, per_class, [r.channels for r in refs])
     was_training = model.training
     model.eval()
     seen = 0
+    # dataset index of the running position (a sharded loader holds items rank, rank + world, ...)
+    world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+    rank = getattr(accelerator, "process_index", 0) if accelerator is not None else 0
     try:
         with FeatureCapture(model, refs, graph_from_first=True) as cap:
             it = batches
@@ -296,9 +339,11 @@ def diagnose(
                 own = logits.gather(1, y[:, None]).sum()
                 grads = torch.autograd.grad(own, feats)
                 with torch.no_grad():
-                    prob = logits.float().softmax(1)
+                    prob = logits.double().softmax(1)
                     conf = prob.gather(1, y[:, None]).squeeze(1)
-                    ok = (prob.argmax(1) == y) & (conf >= min_confidence)
+                    ok = (logits.argmax(1) == y) & (conf >= min_confidence)
+                    key = true_class_log_odds(logits, y)
+                    index = rank + world * (seen + torch.arange(len(y), device=y.device))
                     vecs = [
                         channel_grad(
                             r.channels_first(g),
@@ -307,13 +352,17 @@ def diagnose(
                         )[ok].cpu()
                         for r, g, a in zip(refs, grads, feats)
                     ]
-                    buf.add(y[ok].cpu(), conf[ok].cpu(), vecs)
+                    buf.add(y[ok].cpu(), key[ok].cpu(), index[ok].cpu(), vecs)
                 seen += len(y)
                 cap.clear()
     finally:
         model.train(was_training)
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-        buf.merge_from(_gather(accelerator, buf.conf), [_gather(accelerator, v) for v in buf.vecs])
+        buf.merge_from(
+            _gather(accelerator, buf.conf),
+            _gather(accelerator, buf.index),
+            [_gather(accelerator, v) for v in buf.vecs],
+        )
         seen = int(_gather(accelerator, torch.tensor([seen])).sum())
     valid = buf.valid
     counts = valid.sum(1)
@@ -346,6 +395,7 @@ def diagnose(
         theta=theta,
         topk=topk,
         images_seen=seen,
+        rank_by="log_odds_fp64",
         input_size=list(input_size) if input_size is not None else None,
     )
     _logger.debug("diagnosed %d images, %d used", seen, int(counts.sum()))

@@ -11,7 +11,11 @@ is not, lowest first. So confidently wrong images lead, then less confidently wr
 the in-band correct ones by rising confidence. Misclassified images are taken whatever their
 true-class confidence; correct ones still need to be in ``[low, high)``.
 
-Ties are broken by dataset index, so the selection is deterministic.
+Confidences are computed in float64, and confidently misclassified images are ordered by the
+predicted class's log-odds ``z_pred - logsumexp_{k != pred} z_k`` (monotone in its softmax
+probability, but it does not saturate at 1.0 as a float32 softmax does for a trained network:
+the official ordering then ties). Remaining ties are broken by dataset index, so the selection
+is deterministic.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from torch.utils.data import RandomSampler
 
 from ..errors import ConfigError, DataError
+from .diagnosis import true_class_log_odds
 
 __all__ = ["SiftRecord", "sift_low_confidence"]
 
@@ -51,9 +56,10 @@ def _check(num_classes: int, per_class: int, low: float, high: float) -> None:
         raise ConfigError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
 
 
-def _score(rec: SiftRecord, pred_conf: float) -> float:
-    """Official Model Doctor score: +conf(true) if right, -conf(pred) if wrong; lowest first."""
-    return rec.confidence if rec.correct else -pred_conf
+def _score(rec: SiftRecord, pred_log_odds: float) -> tuple[int, float]:
+    """Official order, lowest first: wrong images by -confidence(pred), then right ones by
+    confidence(true). The wrong ones use the non-saturating log-odds of the prediction."""
+    return (1, rec.confidence) if rec.correct else (0, -pred_log_odds)
 
 
 def sift_low_confidence(
@@ -78,7 +84,7 @@ def sift_low_confidence(
         raise ConfigError("sift_low_confidence needs an unshuffled loader (index = position)")
 
     # per class: (sort key, record)
-    chosen: list[list[tuple[tuple[float, int], SiftRecord]]] = [[] for _ in range(num_classes)]
+    chosen: list[list[tuple[tuple, SiftRecord]]] = [[] for _ in range(num_classes)]
     was_training = model.training
     model.eval()
     position = 0
@@ -93,17 +99,18 @@ def sift_low_confidence(
                 targets = torch.as_tensor(targets).to(logits.device).long()
                 if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
                     raise DataError(f"targets outside [0, {num_classes}) near index {position}")
-                probs = logits.float().softmax(dim=1)
-                pred_conf, pred = probs.max(dim=1)
+                probs = logits.double().softmax(dim=1)
+                pred = logits.argmax(dim=1)
+                pred_odds = true_class_log_odds(logits, pred)
                 true_conf = probs.gather(1, targets[:, None])[:, 0]
-                for t, p, tc, pc in zip(
-                    targets.tolist(), pred.tolist(), true_conf.tolist(), pred_conf.tolist()
+                for t, p, tc, po in zip(
+                    targets.tolist(), pred.tolist(), true_conf.tolist(), pred_odds.tolist()
                 ):
                     rec = SiftRecord(position, t, p, tc, p == t)
                     position += 1
                     in_band = low <= tc < high
                     if misclassified_first and (not rec.correct or in_band):
-                        chosen[t].append(((_score(rec, pc), rec.index), rec))
+                        chosen[t].append(((*_score(rec, po), rec.index), rec))
                     elif not misclassified_first and in_band:
                         chosen[t].append(((tc, rec.index), rec))
     finally:

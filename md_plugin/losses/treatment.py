@@ -25,6 +25,24 @@ meaning with the batch size). Spatial term, for samples with a foreground mask m
 where R area-resizes the mask to H x W (fraction of foreground per cell), unannotated samples
 contribute 0 and 1/B keeps beta independent of the batch size.
 
+Channel-loss variants (``loss_kind``; ``official`` is the default and is the formula above):
+
+- ``true_only``: the true-class term alone (same as ``confusing_term=False``).
+- ``share``: the irrelevant *share* of each sample's positive true-class gradient mass,
+
+      channel_b = sum_c relu(G(y_b))_b[c] (1 - M[y_b, c]) / sum_c relu(G(y_b))_b[c]
+
+  (0 for a sample whose true-class gradient has no positive part). It is invariant to the scale
+  of the gradient, so it cannot be met by shrinking every gradient, which is how the official
+  penalty is mostly met (docs/results.md). Not in the paper or the official code. Its value lies
+  in [0, 1], so its alpha is not comparable with the official one.
+
+Whatever the variant, ``parts`` also reports the true-class irrelevant mass (``md_irr_mass``,
+the ``true_only`` term) and share (``md_irr_share``, the ``share`` term) whenever the true-class
+gradient is computed, so every arm of an experiment logs the same statistics. ``monitor=True``
+with alpha = 0 (and no spatial term) computes all of them without building a double-backward
+graph and adds nothing to the loss: what the penalty would have been, for a control run.
+
 Layers whose output is NHWC (convnext ``mlp.fc2``/``norm``, swin) or ``[B, N, C]`` tokens (ViT,
 DeiT) are reduced over their real channel axis (:class:`~md_plugin.layers.LayerRef`); tokens are
 the spatial positions, and the spatial term uses the patch tokens on their grid (class/register
@@ -55,15 +73,35 @@ from ..doctor.diagnosis import Diagnosis
 from ..errors import ConfigError
 from ..layers import FeatureCapture, LayerRef, resolve_layers
 
-__all__ = ["ModelDoctor", "check_wrapped_model", "confusing_class", "resize_mask"]
+__all__ = [
+    "MD_LOSSES",
+    "ModelDoctor",
+    "check_wrapped_model",
+    "confusing_class",
+    "irrelevant_share",
+    "resize_mask",
+]
 
 _logger = logging.getLogger(__name__)
+
+MD_LOSSES = ("official", "true_only", "share")
 
 
 def confusing_class(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """2nd-ranked class where the top-1 is right, else the (wrong) top-1."""
     top2 = logits.detach().topk(2, dim=1).indices
     return torch.where(top2[:, 0] == targets, top2[:, 1], top2[:, 0])
+
+
+def irrelevant_share(pos: torch.Tensor, irrelevant: torch.Tensor) -> torch.Tensor:
+    """Per-sample share [B] of positive gradient mass ``pos`` [B, C] on channels ``irrelevant``.
+
+    A sample with no positive mass has share 0 (and a zero gradient), not 0/0.
+    """
+    total = pos.sum(1)
+    irr = (pos * irrelevant).sum(1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, irr / safe, torch.zeros_like(irr))
 
 
 def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -96,12 +134,20 @@ class ModelDoctor:
         batched: bool = False,
         num_classes: int | None = None,
         input_size: Sequence[int] | None = None,
+        loss_kind: str = "official",
+        monitor: bool = False,
         capture_eval: bool = False,
     ):
         if alpha < 0 or beta < 0:
             raise ConfigError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
         if grad_mode not in ("relu", "abs"):
             raise ConfigError(f"grad mode must be relu or abs, got {grad_mode!r}")
+        if loss_kind not in MD_LOSSES:
+            raise ConfigError(f"Model Doctor loss must be one of {MD_LOSSES}, got {loss_kind!r}")
+        if loss_kind != "official" and not true_term:
+            raise ConfigError(f"the {loss_kind!r} loss is the true-class term: it cannot be off")
+        if loss_kind != "official":
+            confusing_term = False
         _refuse_unsupported(model)
         self.model = model
         self.diagnosis = diagnosis
@@ -111,6 +157,8 @@ class ModelDoctor:
         self.true_term = true_term
         self.confusing_term = confusing_term
         self.batched = batched
+        self.loss_kind = loss_kind
+        self.monitor = bool(monitor)
         self.num_classes = num_classes or diagnosis.num_classes
         self.capture_eval = capture_eval
         self.layers: list[LayerRef] = []
@@ -178,7 +226,13 @@ class ModelDoctor:
 
     @property
     def active(self) -> bool:
+        """True when the loss trains the model (alpha or beta > 0)."""
         return self.alpha > 0 or self.beta > 0
+
+    @property
+    def computes(self) -> bool:
+        """True when :meth:`loss` has work to do: training, or monitoring the channel term."""
+        return self.active or self.monitor
 
     def strip(self, copy: nn.Module) -> None:
         """Remove this doctor's hooks from a deep copy of the model (e.g. an EMA model)."""
@@ -253,41 +307,58 @@ class ModelDoctor:
         use_spatial = (
             self.beta > 0 and fg_masks is not None and has_mask is not None and bool(has_mask.any())
         )
-        if not (self.alpha > 0 or use_spatial):
+        train_channel = self.alpha > 0
+        channel = train_channel or self.monitor  # monitor: the value, without training on it
+        if not (channel or use_spatial):
             return zero, parts
+        graph = train_channel or use_spatial  # double backward only when the loss trains
         b, k = logits.shape
-        need_conf = self.alpha > 0 and self.confusing_term
-        rows = [F.one_hot(targets, k)]
+        need_true = self.true_term or use_spatial or self.monitor
+        need_conf = channel and self.confusing_term
+        rows, keys = [], []
+        if need_true:
+            rows.append(F.one_hot(targets, k))
+            keys.append("true")
         if need_conf:
             t_conf = confusing_class(logits, targets)
             rows.append(F.one_hot(t_conf, k))
+            keys.append("conf")
         cot = torch.stack(rows).to(logits.dtype) * grad_scale  # [R, B, K]
+        kw = dict(create_graph=graph, retain_graph=True)
         if self.batched and len(rows) > 1:
-            grads = torch.autograd.grad(
-                logits, feats, cot, create_graph=True, is_grads_batched=True
-            )
-            g_true = [g[0] for g in grads]
-            g_conf = [g[1] for g in grads]
+            grads = torch.autograd.grad(logits, feats, cot, is_grads_batched=True, **kw)
+            per = {key: [g[i] for g in grads] for i, key in enumerate(keys)}
         else:
-            g_true = list(torch.autograd.grad(logits, feats, cot[0], create_graph=True))
-            g_conf = (
-                list(torch.autograd.grad(logits, feats, cot[1], create_graph=True))
-                if need_conf
-                else []
-            )
+            per = {
+                key: list(torch.autograd.grad(logits, feats, cot[i], **kw))
+                for i, key in enumerate(keys)
+            }
+        g_true, g_conf = per.get("true", []), per.get("conf", [])
         inv = 1.0 / grad_scale
         total = zero
-        if self.alpha > 0:
-            ch = zero
-            for i, (ref, m) in enumerate(zip(self.layers, self.masks)):
-                if self.true_term:
-                    pos = self._reduce(ref.channels_first(g_true[i]), inv)
-                    ch = ch + (pos * (1.0 - m[targets])).sum(1).mean()
-                if need_conf:
-                    pos = self._reduce(ref.channels_first(g_conf[i]), inv)
-                    ch = ch + (pos * m[t_conf]).sum(1).mean()
+        if channel:
+            with torch.set_grad_enabled(train_channel and torch.is_grad_enabled()):
+                ch, irr_mass, irr_share = zero, zero, zero
+                for i, m in enumerate(self.masks):
+                    if g_true:
+                        pos = self._reduce(self.layers[i].channels_first(g_true[i]), inv)
+                        irrelevant = 1.0 - m[targets]
+                        mass = (pos * irrelevant).sum(1).mean()
+                        share = irrelevant_share(pos, irrelevant).mean()
+                        irr_mass, irr_share = irr_mass + mass, irr_share + share
+                        if self.loss_kind == "share":
+                            ch = ch + share
+                        elif self.true_term:
+                            ch = ch + mass
+                    if g_conf:
+                        pos = self._reduce(self.layers[i].channels_first(g_conf[i]), inv)
+                        ch = ch + (pos * m[t_conf]).sum(1).mean()
             parts["md_channel"] = ch.detach()
-            total = total + self.alpha * ch
+            if g_true:
+                parts["md_irr_mass"] = irr_mass.detach()
+                parts["md_irr_share"] = irr_share.detach() / len(self.masks)
+            if train_channel:
+                total = total + self.alpha * ch
         if use_spatial:
             sp = zero
             hm = has_mask.to(logits.device, self._acc_dtype)
@@ -296,8 +367,8 @@ class ModelDoctor:
                 if g is None:
                     continue
                 bg = 1.0 - resize_mask(fg_masks.to(g.device, self._acc_dtype), g.shape[-2:])
-                per = (bg * g.to(self._acc_dtype).abs() * inv).flatten(1).sum(1)
-                sp = sp + (per * hm).sum() / b
+                per_s = (bg * g.to(self._acc_dtype).abs() * inv).flatten(1).sum(1)
+                sp = sp + (per_s * hm).sum() / b
             parts["md_spatial"] = sp.detach()
             total = total + self.beta * sp
         return total, parts

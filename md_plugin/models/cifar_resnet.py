@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ["CifarResNet"]
@@ -38,7 +38,7 @@ class ShortcutA(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_chs)
@@ -49,10 +49,11 @@ class BasicBlock(nn.Module):
             self.shortcut: nn.Module = ShortcutA(in_chs, out_chs, stride)
         else:
             self.shortcut = nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.drop_path(self.bn2(self.conv2(out)))
         # out-of-place add: a hook on bn2 must not see a tensor modified in place
         return self.act(out + self.shortcut(x))
 
@@ -68,12 +69,19 @@ class CifarResNet(nn.Module):
         widths: tuple[int, int, int] = (16, 32, 64),
         global_pool: str = "avg",
         drop_rate: float = 0.0,
-        **kwargs,
+        drop_path_rate: float = 0.0,
+        bn_momentum: float | None = None,
+        bn_eps: float | None = None,
     ):
+        """``drop_path_rate`` is the stochastic-depth rate of the last block, linearly rising
+        from 0 over the blocks as in timm's ResNet; ``bn_momentum``/``bn_eps`` set every
+        BatchNorm (PyTorch's convention, default 0.1/1e-5). Any other keyword is a TypeError,
+        so a misspelt or unsupported ``--model-kwargs`` is refused rather than ignored."""
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
+        dpr = [drop_path_rate * i / max(3 * n - 1, 1) for i in range(3 * n)]
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
@@ -85,7 +93,7 @@ class CifarResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(in_chs, w, stride))
+                blocks.append(BasicBlock(in_chs, w, stride, drop_path=dpr[i * n + j]))
                 in_chs = w
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=w, reduction=2**i, module=f"layer{i + 1}"))
@@ -93,6 +101,12 @@ class CifarResNet(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if bn_momentum is not None:
+                    m.momentum = bn_momentum
+                if bn_eps is not None:
+                    m.eps = bn_eps
 
     def _init_weights(self) -> None:
         for m in self.modules():

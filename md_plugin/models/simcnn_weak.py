@@ -53,8 +53,8 @@ class SimCNNWeak(nn.Module):
         self.num_features = self.head_hidden_size = width * side * side
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # He-normal, as the paper's SimCNN family
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if isinstance(m, nn.Conv2d):  # N(0, sqrt(2 / (k*k*out))), as the paper's code
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
     def get_classifier(self) -> nn.Module:

@@ -242,7 +242,12 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sampler-k", type=int, default=4, help="class-balanced: samples per class visit"
     )
-    g.add_argument("--sampler-epoch-length", type=int, default=None)
+    g.add_argument(
+        "--sampler-epoch-length",
+        type=int,
+        default=None,
+        help="images per epoch (also without --sampler: a fresh random subset each epoch)",
+    )
 
     g = p.add_argument_group("Model EMA")
     g.add_argument("--model-ema", action="store_true", default=False)
@@ -284,6 +289,20 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--md-gate-activation", action="store_true", default=False)
     g.add_argument("--md-no-true-term", action="store_true", default=False)
     g.add_argument("--md-no-confusing-term", action="store_true", default=False)
+    g.add_argument(
+        "--md-loss",
+        default="official",
+        choices=["official", "true_only", "share"],
+        help="channel loss: official (true + confusing class terms), true_only, or share "
+        "(irrelevant share of the true-class gradient, scale-invariant)",
+    )
+    g.add_argument(
+        "--md-monitor",
+        action="store_true",
+        default=False,
+        help="with --md-alpha 0: compute the channel term without gradients and log it "
+        "(what the penalty would have been; with alpha > 0 it is logged anyway)",
+    )
     g.add_argument(
         "--md-diagnosis", default="", help="reuse a saved diagnosis instead of diagnosing"
     )
@@ -418,6 +437,17 @@ def _convert(action: argparse.Action, key: str, value: Any, src: str) -> Any:
         raise ConfigError(f"{src}: key {key!r} has a bad value {value!r} ({e})") from None
 
 
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's error as one line with the position and the cause (its text spans lines)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = ""
+    if "\\t" in str(problem) or "\t" in str(problem) or "tab" in str(problem):
+        hint = " (YAML does not allow tabs for indentation: use spaces)"
+    return f"{where}{' '.join(str(problem).split())}{hint}"
+
+
 def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Read a YAML config into validated, typed parser defaults."""
     path = Path(path)
@@ -426,7 +456,7 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(raw, dict):
@@ -457,6 +487,68 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     return out
 
 
+def _number_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """Ranges of the numeric timm flags; NaN fails every comparison, so it is refused too."""
+
+    def opt(v, ok) -> bool:  # an optional flag left unset is fine
+        return v is None or bool(ok(v))
+
+    return [
+        (
+            opt(args.lr, lambda v: 0 < v < math.inf),
+            f"--lr must be a positive number, got {args.lr}",
+        ),
+        (0 < args.lr_base < math.inf, f"--lr-base must be a positive number, got {args.lr_base}"),
+        (0 <= args.warmup_lr < math.inf, f"--warmup-lr must be >= 0, got {args.warmup_lr}"),
+        (0 <= args.min_lr < math.inf, f"--min-lr must be >= 0, got {args.min_lr}"),
+        (
+            0 <= args.weight_decay < math.inf,
+            f"--weight-decay must be >= 0, got {args.weight_decay}",
+        ),
+        (0 <= args.momentum < math.inf, f"--momentum must be >= 0, got {args.momentum}"),
+        (
+            opt(args.clip_grad, lambda v: 0 < v < math.inf),
+            f"--clip-grad must be > 0, got {args.clip_grad}",
+        ),
+        (0 <= args.drop < 1, f"--drop must be in [0, 1), got {args.drop}"),
+        (
+            opt(args.drop_path, lambda v: 0 <= v < 1),
+            f"--drop-path must be in [0, 1), got {args.drop_path}",
+        ),
+        (
+            opt(args.bn_momentum, lambda v: 0 <= v <= 1),
+            f"--bn-momentum must be in [0, 1], got {args.bn_momentum}",
+        ),
+        (opt(args.bn_eps, lambda v: 0 < v < math.inf), f"--bn-eps must be > 0, got {args.bn_eps}"),
+        (
+            opt(args.validation_batch_size, lambda v: v >= 1),
+            f"-vb/--validation-batch-size must be >= 1, got {args.validation_batch_size}",
+        ),
+        (
+            opt(args.num_classes, lambda v: v >= 1),
+            f"--num-classes must be >= 1, got {args.num_classes}",
+        ),
+        (opt(args.md_topk, lambda v: v >= 1), f"--md-topk must be >= 1, got {args.md_topk}"),
+        (
+            args.md_mask_rule != "topk" or args.md_topk is not None,
+            "--md-mask-rule topk needs --md-topk K",
+        ),
+        (0 <= args.hflip <= 1, f"--hflip must be in [0, 1], got {args.hflip}"),
+        (0 <= args.vflip <= 1, f"--vflip must be in [0, 1], got {args.vflip}"),
+        (0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}"),
+        (
+            0 <= args.color_jitter < math.inf,
+            f"--color-jitter must be >= 0, got {args.color_jitter}",
+        ),
+        (
+            0 <= args.model_ema_decay <= 1,
+            f"--model-ema-decay must be in [0, 1], got {args.model_ema_decay}",
+        ),
+        (args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
+        (args.checkpoint_hist >= 0, f"--checkpoint-hist must be >= 0, got {args.checkpoint_hist}"),
+    ]
+
+
 def _validate(args: argparse.Namespace) -> None:
     for dest, (flag, default, _kw) in UNSUPPORTED.items():
         if getattr(args, dest) != default:
@@ -484,10 +576,20 @@ def _validate(args: argparse.Namespace) -> None:
         (args.md_baseline_epochs >= 0, "--md-baseline-epochs must be >= 0"),
         (args.workers >= 0, "--workers must be >= 0"),
         (args.val_interval >= 1, f"--val-interval must be >= 1, got {args.val_interval}"),
+        *_number_checks(args),
+        (
+            args.sampler_epoch_length is None or args.sampler_epoch_length >= 1,
+            f"--sampler-epoch-length must be >= 1, got {args.sampler_epoch_length}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if args.md_loss != "official" and args.md_no_true_term:
+        raise ConfigError(
+            f"--md-loss {args.md_loss} is the true-class term: it cannot be combined with "
+            "--md-no-true-term"
+        )
     if args.md and args.md_beta > 0 and not args.md_masks:
         raise ConfigError(
             "--md-beta > 0 needs --md-masks (foreground masks from `md-doctor masks`)"

@@ -1,15 +1,17 @@
 """Atomic checkpoints and weight loading with readable errors.
 
-Every file is written to a temporary name in the same folder and renamed into place, so a kill
-during a save leaves the previous ``last.pth.tar`` intact. Checkpoints hold only tensors and
-plain Python values (args as a dict), so they load with ``torch.load(weights_only=True)``.
+Every file is written to a unique temporary name in the same folder, fsynced and renamed into
+place (:mod:`md_plugin.files`), so a kill during a save leaves the previous ``last.pth.tar``
+intact; files get mode 0666 minus the umask like every other output. Checkpoints hold
+only tensors and plain Python values (args as a dict), so they load with
+``torch.load(weights_only=True)``; a checkpoint whose weights or buffers are not finite is never
+written.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +19,38 @@ import torch
 import torch.nn as nn
 
 from ..errors import MDError
+from ..files import atomic_write
 
-__all__ = ["atomic_save", "load_checkpoint_file", "load_weights", "CheckpointManager"]
+__all__ = [
+    "atomic_save",
+    "load_checkpoint_file",
+    "load_weights",
+    "non_finite_tensors",
+    "CheckpointManager",
+    "NonFiniteCheckpoint",
+]
+
+
+class NonFiniteCheckpoint(MDError):
+    """The state to save holds NaN/inf: writing it would replace a good checkpoint."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """``torch.save`` to ``path`` atomically (see :func:`md_plugin.files.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def non_finite_tensors(state_dict: dict[str, Any] | None) -> list[str]:
+    """Names of the floating-point tensors in ``state_dict`` that hold NaN or inf."""
+    bad = []
+    for k, v in (state_dict or {}).items():
+        if (
+            isinstance(v, torch.Tensor)
+            and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())
+        ):
+            bad.append(k)
+    return bad
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -84,7 +100,11 @@ def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = False) -
 
 
 class CheckpointManager:
-    """``last.pth.tar`` every epoch, ``model_best.pth.tar`` and the best ``--checkpoint-hist``."""
+    """``last.pth.tar`` every epoch, ``model_best.pth.tar`` and the best ``--checkpoint-hist``.
+
+    Nothing is written when the model or EMA state holds NaN/inf (``NonFiniteCheckpoint``), so
+    every checkpoint in the folder is a good one and :meth:`last_good` can name it.
+    """
 
     def __init__(self, out_dir: Path, max_history: int = 10, decreasing: bool = False):
         self.out_dir = Path(out_dir)
@@ -92,6 +112,8 @@ class CheckpointManager:
         self.decreasing = decreasing
         self.history: list[tuple[float, int]] = []  # (metric, epoch)
         self.best: tuple[float, int] | None = None
+        self.last_epoch: int | None = None  # epoch of the last checkpoint written or resumed
+        self.last_partial = False
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.decreasing else a > b
@@ -106,9 +128,36 @@ class CheckpointManager:
         self.history = [(float(m), int(e)) for m, e in sd.get("history", [])]
         self.best = tuple(sd["best"]) if sd.get("best") else None  # type: ignore[assignment]
 
-    def save(self, state: dict[str, Any], epoch: int, metric: float | None) -> Path:
+    def last_good(self) -> str:
+        """One sentence naming the checkpoint to go back to (or saying there is none)."""
+        path = self.out_dir / "last.pth.tar"
+        if self.last_epoch is None or not path.is_file():
+            return "No checkpoint was written yet (nothing to resume)."
+        what = f"epoch {self.last_epoch}" + (", mid-epoch" if self.last_partial else "")
+        return f"The last good checkpoint is {path} ({what})."
+
+    def _check_finite(self, state: dict[str, Any], epoch: int) -> None:
+        bad = non_finite_tensors(state.get("state_dict"))
+        bad += [f"ema:{k}" for k in non_finite_tensors(state.get("state_dict_ema"))]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise NonFiniteCheckpoint(
+                f"the model holds NaN/inf after epoch {epoch} in {len(bad)} tensors "
+                f"({', '.join(bad[:3])}{more}); not saved. {self.last_good()}"
+            )
+
+    def save_partial(self, state: dict[str, Any], epoch: int) -> Path:
+        """Mid-epoch ``last.pth.tar`` (a signal); the best/history files are left alone."""
+        self._check_finite(state, epoch)
         last = atomic_save(state, self.out_dir / "last.pth.tar")
-        if metric is None or self.max_history <= 0:
+        self.last_epoch, self.last_partial = epoch, True
+        return last
+
+    def save(self, state: dict[str, Any], epoch: int, metric: float | None) -> Path:
+        self._check_finite(state, epoch)
+        last = atomic_save(state, self.out_dir / "last.pth.tar")
+        self.last_epoch, self.last_partial = epoch, False
+        if metric is None or self.max_history <= 0 or not math.isfinite(metric):
             return last
         if self.best is None or self._better(metric, self.best[0]):
             self.best = (metric, epoch)

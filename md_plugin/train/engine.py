@@ -68,6 +68,19 @@ def _all_finite(accelerator, value: torch.Tensor) -> bool:
     return bool(flag.item() == 1.0)
 
 
+def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a train-mode forward pass updates: BatchNorm (and tracked InstanceNorm) stats.
+
+    A skipped step must not keep them: a non-finite forward would otherwise leave NaN running
+    statistics behind while the weights look fine, and the next checkpoint would carry them.
+    """
+    out: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out += [b for b in m.buffers(recurse=False) if b is not None]
+    return out
+
+
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -144,7 +157,16 @@ def train_one_epoch(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    sums = {"loss": 0.0, "ce": 0.0, "md_channel": 0.0, "md_spatial": 0.0}
+    stats = running_stat_buffers(model)
+    stats_before = [b.clone() for b in stats]  # restored when a step is skipped
+    sums = {
+        "loss": 0.0,
+        "ce": 0.0,
+        "md_channel": 0.0,
+        "md_spatial": 0.0,
+        "md_irr_mass": 0.0,
+        "md_irr_share": 0.0,
+    }
     n_seen = 0
     skipped_epoch = 0
     if partial:
@@ -167,12 +189,15 @@ def train_one_epoch(
         fg, has = (batch[2], batch[3]) if len(batch) > 2 else (None, None)
         ok, what = True, ""
         parts = None
+        with torch.no_grad():
+            for saved, b in zip(stats_before, stats):
+                saved.copy_(b)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
                 ce = criterion(logits, y)
                 loss = ce
-                if doctor is not None and doctor.active:
+                if doctor is not None and doctor.computes:  # training on it, or --md-monitor
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
                     md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
                     loss = ce + md_loss
@@ -199,6 +224,9 @@ def train_one_epoch(
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not ok:
+            with torch.no_grad():  # the skipped forward pass leaves no trace in BatchNorm
+                for saved, b in zip(stats_before, stats):
+                    b.copy_(saved)
             skipped_epoch += 1
             _bad_step(state, args, epoch, step, what, accelerator)
         else:
@@ -220,6 +248,9 @@ def train_one_epoch(
             if parts is not None:
                 sums["md_channel"] += float(parts["md_channel"]) * bs
                 sums["md_spatial"] += float(parts["md_spatial"]) * bs
+                for key in ("md_irr_mass", "md_irr_share"):
+                    if key in parts:
+                        sums[key] += float(parts[key]) * bs
             if (
                 accelerator.is_main_process
                 and args.log_interval

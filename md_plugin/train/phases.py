@@ -1,0 +1,734 @@
+"""The phases of one ``train_md.py`` run, in the order :func:`md_plugin.train.main.main` calls them.
+
+1. :func:`build_data`            datasets, class counts, the output folder's path
+2. :func:`train_baseline`        quickstart: a nested plain run that makes the checkpoint to treat
+3. :func:`build_model_and_task`  model, transforms, run files, loaders, optimizer, accelerate
+                                 prepare, schedule, loss, EMA
+4. :func:`resume`                weights, optimizer, schedule, summary and counters of --resume
+5. :func:`diagnose`              Model Doctor: diagnose (or load a diagnosis), attach the losses
+6. :func:`train`                 the epochs: train, evaluate, log, summary, checkpoints
+7. :func:`report`                best metric, before/after treatment, the report; ends the run
+
+Each phase takes the :class:`~md_plugin.train.context.RunContext` and fills its part of it.
+Only the main process logs and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import signal
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import ConfigError, MDError
+from .args import args_to_yaml_dict
+from .checkpoint import CheckpointManager, atomic_save, load_checkpoint_file, load_weights
+from .context import RunContext, Summary, atomic_text
+from .engine import TrainState, evaluate, train_one_epoch
+
+__all__ = [
+    "create_accelerator",
+    "create_md_model",
+    "create_context",
+    "build_data",
+    "train_baseline",
+    "build_model_and_task",
+    "resume",
+    "diagnose",
+    "train",
+    "report",
+    "save_checkpoint",
+]
+
+_logger = logging.getLogger("train_md")
+
+
+# ----------------------------------------------------------------------------------------------
+# factories and small helpers
+# ----------------------------------------------------------------------------------------------
+def _setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def create_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mixed = None
+    if args.amp:
+        mixed = "bf16" if args.amp_dtype == "bfloat16" else "fp16"
+    acc = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        cpu=(args.device == "cpu"),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not args.no_ddp_bb)],
+    )
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
+        warnings.warn(
+            "fp16 autocast is not available on CPU: training runs in fp32; use --amp-dtype bfloat16",
+            stacklevel=2,
+        )
+    return acc
+
+
+def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    from .. import models  # noqa: F401  (register the CIFAR ResNets)
+
+    kwargs: dict[str, Any] = dict(
+        pretrained=args.pretrained,
+        num_classes=num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        in_chans=args.in_chans,
+    )
+    if args.pretrained_path:
+        kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if not timm.is_model(args.model):
+        near = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
+        raise ConfigError(
+            f"unknown model {args.model!r}" + (f"; similar: {', '.join(near)}" if near else "")
+        )
+    try:
+        model = timm.create_model(args.model, **kwargs, **args.model_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"cannot create {args.model}: {e}") from None
+    except RuntimeError as e:
+        raise ConfigError(f"cannot create {args.model}: {str(e).splitlines()[0]}") from None
+    if args.initial_checkpoint:
+        load_weights(model, args.initial_checkpoint)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _lr(args: argparse.Namespace, world: int) -> float:
+    """timm's rule: lr = lr_base * global_batch / lr_base_size (sqrt for adaptive optimizers)."""
+    if args.lr is not None:
+        return args.lr
+    global_batch = args.batch_size * world * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or (
+        "sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear"
+    )
+    return args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    if args.resume and not args.output and not args.experiment:
+        return Path(args.resume).resolve().parent
+    root = Path(args.output or "./output/train")
+    name = args.experiment or "-".join(
+        [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
+    )
+    out = root / name
+    if not args.resume and (out / "summary.csv").exists():
+        raise ConfigError(
+            f"{out} already holds a run (summary.csv); resume it with --resume {out / 'last.pth.tar'} "
+            "or choose another --experiment"
+        )
+    return out
+
+
+def _install_signal_handlers(state: TrainState) -> None:
+    def handler(signum, _frame):
+        if state.stop_requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        state.stop_requested = True
+        _logger.warning("signal %d: saving a resumable checkpoint after this step", signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a notebook runner)
+            pass
+
+
+def _append_per_class(path: Path, epoch: int, class_names: list[str], values: list[float]) -> None:
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+    rows = [r for r in rows if int(r[0]) < epoch] + [[str(epoch)] + [f"{v:.2f}" for v in values]]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["epoch"] + class_names)
+    w.writerows(rows)
+    atomic_text(path, buf.getvalue())
+
+
+def save_checkpoint(
+    ctx: RunContext,
+    epoch: int,
+    metric: float | None,
+    partial_step: int = 0,
+    partial: dict[str, Any] | None = None,
+) -> None:
+    """``last.pth.tar`` (plus best/history through the saver), or a mid-epoch resumable one."""
+    acc, args = ctx.acc, ctx.args
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return
+    ck = {
+        "epoch": epoch,
+        "arch": args.model,
+        "state_dict": ctx.unwrapped.state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.lr_scheduler.state_dict(),
+        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        "state_dict_ema": ctx.model_ema.module.state_dict() if ctx.model_ema is not None else None,
+        "args": {k: v for k, v in args_to_yaml_dict(args).items()},
+        "summary": ctx.summary.rows,
+        "saver": ctx.saver.state_dict(),
+        "num_updates": ctx.state.num_updates,
+        "before": ctx.before,
+        "partial_step": partial_step,
+        "partial": partial,  # mid-epoch: running loss sums and RNG state at the interruption
+        "version": 2,
+    }
+    if partial is not None or partial_step:
+        atomic_save(ck, ctx.saver.out_dir / "last.pth.tar")
+    else:
+        ctx.saver.save(ck, epoch, metric)
+    acc.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# the phases
+# ----------------------------------------------------------------------------------------------
+def create_context(args: argparse.Namespace, nested: bool = False) -> RunContext:
+    """Accelerator, logging and the seed: what every later phase runs under."""
+    from accelerate.utils import set_seed
+
+    acc = create_accelerator(args)
+    _setup_logging(acc.is_main_process)
+    set_seed(args.seed)
+    return RunContext(args=args, acc=acc, nested=nested)
+
+
+def build_data(ctx: RunContext) -> None:
+    """The untransformed datasets, class counts and names; checks that need only the data."""
+    from ..data.datasets import create_dataset, get_class_names, get_targets
+
+    args = ctx.args
+    ds_kw = dict(
+        download=args.dataset_download, imb_ratio=args.imb_ratio, imb_type=args.imb_type,
+        imb_seed=args.imb_seed, input_size=(args.input_size[-1] if args.input_size else (args.img_size or 32)),
+    )  # fmt: skip
+    ctx.train_base = create_dataset(args.dataset, args.data_dir, args.train_split, **ds_kw)
+    ctx.val_base = create_dataset(args.dataset, args.data_dir, args.val_split, **ds_kw)
+    ctx.targets = targets = get_targets(ctx.train_base)
+    ctx.num_classes = args.num_classes or (max(targets) + 1 if targets else 0)
+    if len(ctx.train_base) == 0:
+        raise MDError("the training set is empty")
+    ctx.counts = torch.bincount(torch.tensor(targets), minlength=ctx.num_classes).tolist()
+    ctx.class_names = get_class_names(ctx.train_base, ctx.num_classes)
+    if ctx.is_main:
+        _logger.info(
+            "training set: %d images, %d classes; per-class counts: %s",
+            len(ctx.train_base),
+            ctx.num_classes,
+            ctx.counts,
+        )
+        _logger.info("validation set: %d images (split %r)", len(ctx.val_base), args.val_split)
+    # torchvision CIFAR has no validation split: 'validation' is the test set (model_best and the
+    # "best metric" are then chosen on test data, as in timm; results should use the final epoch)
+    ctx.val_is_test = args.dataset.lower().split("/")[-1].startswith("cifar")
+    if args.batch_size > len(ctx.train_base):
+        raise ConfigError(
+            f"--batch-size {args.batch_size} is larger than the training set ({len(ctx.train_base)} images)"
+        )
+    ctx.out_dir = _output_dir(args)  # refuses an existing run before anything is trained
+
+
+def train_baseline(ctx: RunContext) -> None:
+    """Quickstart (``--md --md-baseline-epochs N``): train, then diagnose and treat, in one command.
+
+    The baseline is a nested plain run in ``<output>/baseline``; its last checkpoint becomes
+    this run's ``--initial-checkpoint``.
+    """
+    from accelerate.utils import set_seed
+
+    from .main import main  # the nested run goes through the same entry (signal handlers)
+
+    args = ctx.args
+    if not (
+        args.md and args.md_baseline_epochs and not args.initial_checkpoint and not args.resume
+    ):
+        return
+    base_args = copy.deepcopy(args)
+    base_args.md = False
+    base_args.epochs = args.md_baseline_epochs
+    base_args.output = str(ctx.out_dir)
+    base_args.experiment = "baseline"
+    base_args.md_baseline_epochs = 0
+    if ctx.is_main:
+        _logger.info("== baseline: %d plain epochs before diagnosis ==", args.md_baseline_epochs)
+    ctx.acc.free_memory()
+    main(base_args, _nested=True)  # shares this process group: must not end it
+    args.initial_checkpoint = str(ctx.out_dir / "baseline" / "last.pth.tar")
+    set_seed(args.seed)
+
+
+def build_model_and_task(ctx: RunContext) -> None:
+    """Model, transforms, the run's files, loaders, optimizer, accelerate, schedule, loss, EMA."""
+    from timm.data import resolve_data_config
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from ..data.datasets import TransformedDataset
+    from ..data.samplers import check_batch_size, create_sampler
+    from ..data.transforms import create_eval_transform, create_train_transform
+    from ..losses.classification import create_loss
+
+    args, acc, out_dir = ctx.args, ctx.acc, ctx.out_dir
+
+    # ---- model and transforms -----------------------------------------------------------------
+    model = create_md_model(args, ctx.num_classes)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ctx.data_config = data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    train_tf = create_train_transform(
+        data_config, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, reprob=args.reprob,
+        crop_padding=args.crop_padding,
+        interpolation=None if args.train_interpolation == "random" else args.train_interpolation,
+    )  # fmt: skip
+    ctx.eval_tf = create_eval_transform(data_config)
+    masks = None
+    if args.md_masks:
+        from ..annotate.mask_store import load_masks
+
+        w, h = ctx.train_base[0][0].size
+        masks = load_masks(args.md_masks, dataset_size=len(ctx.train_base), image_size=(h, w))
+        if ctx.is_main:
+            _logger.info(
+                "foreground masks: %d of %d training images", len(masks), len(ctx.train_base)
+            )
+    train_ds = TransformedDataset(ctx.train_base, train_tf, masks if args.md else None)
+    val_ds = TransformedDataset(ctx.val_base, ctx.eval_tf)
+
+    # ---- output folder ------------------------------------------------------------------------
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_text(out_dir / "args.yaml", yaml.safe_dump(args_to_yaml_dict(args), sort_keys=False))
+        atomic_text(
+            out_dir / "train_counts.json",
+            json.dumps({"counts": ctx.counts, "classes": ctx.class_names}),
+        )
+    acc.wait_for_everyone()
+
+    # ---- loaders, optimizer, scheduler --------------------------------------------------------
+    sampler = create_sampler(
+        args.sampler, ctx.targets, num_samples_cls=args.sampler_k, epoch_length=args.sampler_epoch_length,
+        total_epochs=args.epochs, seed=args.seed,
+    )  # fmt: skip
+    ctx.generator = torch.Generator()
+    if sampler is None:  # plain shuffling; --sampler-epoch-length draws that many per epoch
+        sampler = RandomSampler(
+            train_ds, num_samples=args.sampler_epoch_length, generator=ctx.generator
+        )
+        check_batch_size(len(sampler), args.batch_size)
+    else:
+        check_batch_size(len(sampler), args.batch_size)
+    ctx.sampler = sampler
+    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=False)
+    train_loader = DataLoader(
+        train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True, **workers
+    )
+    vb = args.validation_batch_size or args.batch_size
+    val_loader = DataLoader(val_ds, batch_size=vb, shuffle=False, **workers)
+
+    if args.lr is None:
+        args.lr = _lr(args, acc.num_processes)
+    opt_kw = optimizer_kwargs(cfg=args)
+    opt_kw.update(args.opt_kwargs)
+    optimizer = create_optimizer_v2(model, **opt_kw)
+    ctx.model, ctx.optimizer, ctx.train_loader, ctx.val_loader = acc.prepare(
+        model, optimizer, train_loader, val_loader
+    )
+    ctx.unwrapped = acc.unwrap_model(ctx.model)
+    updates_per_epoch = max(1, len(ctx.train_loader) // args.grad_accum_steps)
+    ctx.lr_scheduler, ctx.num_epochs = create_scheduler_v2(
+        ctx.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch
+    )
+    ctx.criterion = create_loss(
+        args.loss, cls_num_list=ctx.counts, smoothing=args.smoothing, focal_gamma=args.focal_gamma,
+        rfl_threshold=args.rfl_threshold, cb_beta=args.cb_beta, ldam_max_m=args.ldam_max_m,
+        ldam_s=args.ldam_s, la_tau=args.la_tau, drw_epoch=args.drw_epoch,
+    ).to(acc.device)  # fmt: skip
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ctx.model_ema = ModelEmaV3(
+            ctx.unwrapped, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup
+        )
+    ctx.state = TrainState()
+    ctx.saver = CheckpointManager(
+        out_dir, args.checkpoint_hist, decreasing=args.eval_metric == "loss"
+    )
+    ctx.summary = Summary(out_dir / "summary.csv")
+
+
+def resume(ctx: RunContext) -> None:
+    """--resume: restore weights, optimizer, schedule, EMA, saver, summary rows and counters."""
+    args, acc = ctx.args, ctx.acc
+    if args.resume:
+        ck = load_checkpoint_file(args.resume)
+        if "epoch" not in ck or "state_dict" not in ck:
+            raise MDError(
+                f"{args.resume} is not a train_md.py training checkpoint (no epoch/state)"
+            )
+        load_weights(ctx.unwrapped, args.resume)
+        if not args.no_resume_opt:
+            if not isinstance(ck.get("optimizer"), dict) or not isinstance(
+                ck.get("scheduler"), dict
+            ):
+                raise MDError(
+                    f"{args.resume} has no optimizer/scheduler state (not a train_md.py "
+                    "checkpoint?); start from its weights with --initial-checkpoint instead"
+                )
+            try:
+                ctx.optimizer.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise MDError(
+                    f"cannot restore the optimizer state from {args.resume} (another --opt or "
+                    f"model?): {' '.join(str(e).split())[:200]}"
+                ) from None
+            ctx.lr_scheduler.load_state_dict(ck["scheduler"])
+            if acc.scaler is not None and ck.get("scaler"):
+                acc.scaler.load_state_dict(ck["scaler"])
+        if ctx.model_ema is not None and ck.get("state_dict_ema"):
+            ctx.model_ema.module.load_state_dict(ck["state_dict_ema"])
+        ctx.saver.load_state_dict(ck.get("saver", {}))
+        # a mid-epoch checkpoint (SIGINT/SIGTERM) carries "partial": the epoch restarts there
+        is_partial = bool(ck.get("partial") or ck.get("partial_step"))
+        ctx.summary.rows = [
+            r
+            for r in ck.get("summary", [])
+            if int(r["epoch"]) < ck["epoch"] + (0 if is_partial else 1)
+        ]
+        ctx.state.num_updates = ck.get("num_updates", 0)
+        ctx.before = ck.get("before")
+        if is_partial:
+            ctx.start_epoch, ctx.skip_batches = ck["epoch"], int(ck.get("partial_step") or 0)
+            ctx.resume_partial = ck.get("partial") or None
+        else:
+            ctx.start_epoch = ck["epoch"] + 1
+        if ctx.is_main:
+            _logger.info(
+                "resumed from %s: epoch %d%s",
+                args.resume,
+                ctx.start_epoch,
+                f", step {ctx.skip_batches}" if ctx.skip_batches else "",
+            )
+    if args.start_epoch is not None:
+        ctx.start_epoch = args.start_epoch
+
+
+def diagnose(ctx: RunContext) -> None:
+    """Model Doctor (``--md``): diagnose (or load a diagnosis), then attach the treatment losses.
+
+    Sets ``ctx.doctor`` and, unless a resumed checkpoint carried them, ``ctx.before`` (the
+    metrics before treatment).
+    """
+    if not ctx.args.md:
+        return
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import TransformedDataset, create_dataset
+    from ..doctor import Diagnosis
+    from ..doctor import diagnose as run_diagnosis
+    from ..doctor.diagnosis import shard_dataset
+    from ..losses.treatment import ModelDoctor, check_wrapped_model
+    from .tables import format_diagnosis_table
+
+    args, acc, data_config = ctx.args, ctx.acc, ctx.data_config
+    if not (args.initial_checkpoint or args.pretrained or args.resume or args.md_diagnosis):
+        raise ConfigError(
+            "Model Doctor treats a trained model: pass --initial-checkpoint (or --md-baseline-epochs N "
+            "to train one first)"
+        )
+    saved = ctx.out_dir / "diagnosis.safetensors"
+    if args.md_diagnosis:
+        diag = Diagnosis.load(args.md_diagnosis)
+    elif args.resume and saved.exists():
+        diag = Diagnosis.load(saved)
+    else:
+        split = args.md_diagnosis_split or args.train_split
+        if split == args.val_split or split.lower() in ("validation", "val", "test", "eval"):
+            if not args.md_allow_val_diagnosis:
+                raise ConfigError(
+                    f"refusing to diagnose on the validation split {split!r} (it leaks the evaluation "
+                    "set into training); pass --md-allow-val-diagnosis to force it"
+                )
+            warnings.warn(
+                f"diagnosing on {split!r}: the evaluation set leaks into training", stacklevel=2
+            )
+        base = (
+            ctx.train_base
+            if split == args.train_split
+            else create_dataset(
+                args.dataset,
+                args.data_dir,
+                split,
+                imb_ratio=args.imb_ratio,
+                imb_type=args.imb_type,
+                imb_seed=args.imb_seed,
+            )
+        )
+        # each image on exactly one rank (a prepared loader would pad with repeated images,
+        # which could then enter a class's top-N twice)
+        diag_loader = DataLoader(
+            shard_dataset(
+                TransformedDataset(base, ctx.eval_tf), acc.num_processes, acc.process_index
+            ),
+            batch_size=args.validation_batch_size or args.batch_size,
+            shuffle=False,
+            num_workers=args.workers,
+        )
+        diag = run_diagnosis(
+            ctx.unwrapped, diag_loader, args.md_layers, ctx.num_classes, per_class=args.md_per_class,
+            min_confidence=args.md_min_confidence, grad_mode=args.md_grad_mode,
+            gate_activation=args.md_gate_activation, mask_rule=args.md_mask_rule, theta=args.md_theta,
+            topk=args.md_topk, accelerator=acc, progress=acc.is_main_process and not args.no_progress and sys.stderr.isatty(),
+            input_size=data_config["input_size"],
+        )  # fmt: skip
+        if acc.is_main_process:
+            diag.save(saved)
+    if acc.is_main_process:
+        _logger.info(
+            "diagnosis (%s):\n%s",
+            args.md_diagnosis or saved,
+            format_diagnosis_table(diag, ctx.class_names),
+        )
+    check_wrapped_model(ctx.model)
+    doctor = ModelDoctor(
+        ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
+        true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
+        loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
+        input_size=data_config["input_size"],
+    )  # fmt: skip
+    if ctx.before is None:
+        doctor.capture.enabled = False
+        ev = evaluate(ctx.model, ctx.val_loader, acc, ctx.num_classes)
+        doctor.capture.enabled = True
+        ctx.before = {
+            "top1": ev["top1"],
+            "top5": ev["top5"],
+            "per_class": ev["per_class"],
+            "confusion": ev["confusion"].tolist(),
+        }
+        if acc.is_main_process:
+            _logger.info("before treatment: top1 %.2f top5 %.2f", ev["top1"], ev["top5"])
+    ctx.doctor = doctor
+
+
+def train(ctx: RunContext) -> None:
+    """The epochs: train, evaluate, log, summary.csv, per-class files and checkpoints."""
+    _install_signal_handlers(ctx.state)
+    args = ctx.args
+    show_eval = ctx.is_main and not args.no_progress and sys.stderr.isatty()
+    if ctx.is_main:
+        _logger.info(
+            "training %s for %d epochs (lr %.4g, batch %d x %d processes), output: %s",
+            args.model,
+            ctx.num_epochs,
+            args.lr,
+            args.batch_size,
+            ctx.acc.num_processes,
+            ctx.out_dir,
+        )
+    for epoch in range(ctx.start_epoch, ctx.num_epochs):
+        train_m = _train_epoch(ctx, epoch)
+        ep_eval = _evaluate_epoch(ctx, epoch, show_eval)
+        metric = ep_eval[args.eval_metric] if ep_eval else None
+        _log_epoch(ctx, epoch, train_m, ep_eval)
+        # step the schedule before saving: the checkpoint then holds the next epoch's lr (and a
+        # plateau schedule has seen this epoch's metric), so a resumed run continues exactly
+        ctx.lr_scheduler.step(epoch + 1, metric)
+        prev_best = ctx.saver.best
+        save_checkpoint(ctx, epoch, metric)
+        best = ctx.saver.best
+        if ctx.is_main and best is not None and best != prev_best and best[1] == epoch:
+            atomic_text(ctx.out_dir / "best_per_class.json", json.dumps(
+                {"epoch": epoch, "classes": ctx.class_names, "accuracy": ctx.eval_m["per_class"]}, indent=1))  # fmt: skip
+
+
+def _train_epoch(ctx: RunContext, epoch: int) -> dict[str, float]:
+    """One epoch of training; an interruption saves a resumable checkpoint and stops the run."""
+    from accelerate.utils import set_seed
+
+    args, state = ctx.args, ctx.state
+    set_seed(args.seed + epoch)  # same augmentation/dropout randomness whether resumed or not
+    ctx.generator.manual_seed(args.seed + epoch)
+    if hasattr(ctx.sampler, "set_epoch"):
+        ctx.sampler.set_epoch(epoch)
+    if hasattr(ctx.criterion, "set_epoch"):
+        ctx.criterion.set_epoch(epoch)
+    train_m = train_one_epoch(
+        epoch, ctx.model, ctx.train_loader, ctx.optimizer, ctx.criterion, ctx.acc, args, state,
+        lr_scheduler=ctx.lr_scheduler, doctor=ctx.doctor, model_ema=ctx.model_ema,
+        skip_batches=ctx.skip_batches, partial=ctx.resume_partial,
+    )  # fmt: skip
+    ctx.skip_batches, ctx.resume_partial = 0, None
+    # "interrupted" is agreed by all ranks in the step loop; a signal that lands after the
+    # epoch's last step is honoured after the first step of the next epoch
+    if state.extra.pop("interrupted", False):
+        save_checkpoint(
+            ctx,
+            epoch,
+            None,
+            partial_step=state.extra.get("interrupted_step", 0),
+            partial=state.extra.get("partial"),
+        )
+        raise MDError(
+            f"interrupted: resumable checkpoint saved, continue with --resume {ctx.out_dir / 'last.pth.tar'}"
+        )
+    if ctx.acc.num_processes > 1 and args.dist_bn:
+        from timm.utils import distribute_bn
+
+        distribute_bn(ctx.model, ctx.acc.num_processes, args.dist_bn == "reduce")
+    return train_m
+
+
+def _evaluate_epoch(ctx: RunContext, epoch: int, show_eval: bool) -> dict[str, Any]:
+    """Evaluate on ``--val-interval`` epochs and the last one (EMA weights when --model-ema).
+
+    Returns ``{}`` on epochs without evaluation; otherwise also stores it in ``ctx.eval_m``.
+    """
+    if not ((epoch + 1) % ctx.args.val_interval == 0 or epoch == ctx.num_epochs - 1):
+        return {}
+    doctor, acc = ctx.doctor, ctx.acc
+    if doctor is not None:
+        doctor.capture.enabled = False
+    ep_eval = evaluate(ctx.model, ctx.val_loader, acc, ctx.num_classes, progress=show_eval)
+    if ctx.model_ema is not None:
+        ema_m = evaluate(ctx.model_ema.module, ctx.val_loader, acc, ctx.num_classes)
+        ep_eval = {**ema_m, "raw_top1": ep_eval["top1"]}
+    if doctor is not None:
+        doctor.capture.enabled = True
+    ctx.eval_m = ep_eval
+    return ep_eval
+
+
+def _log_epoch(
+    ctx: RunContext, epoch: int, train_m: dict[str, float], ep_eval: dict[str, Any]
+) -> None:
+    """The epoch's summary.csv row, per_class_acc.csv row and log line (main process)."""
+    from ..metrics import shot_accuracy
+
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    row = {
+        "epoch": epoch,
+        **{f"train_{k}": round(v, 6) for k, v in train_m.items() if k != "img_per_s"},
+    }
+    if ep_eval:
+        row.update({f"eval_{k}": round(ep_eval[k], 4) for k in ("loss", "top1", "top5")})
+        if min(ctx.counts) <= 100:  # long-tailed: many/medium/few-shot accuracy
+            shots = shot_accuracy(torch.tensor(ep_eval["per_class"]), ctx.counts)
+            row.update({f"eval_{k}": round(float(v), 4) for k, v in shots.items()})
+    row["lr"] = lr
+    if not ctx.is_main:
+        return
+    ctx.summary.add(row)
+    md_txt = (
+        f" (ce {train_m['ce']:.4f} md_ch {train_m['md_channel']:.4f} md_sp {train_m['md_spatial']:.4f})"
+        if ctx.doctor
+        else ""
+    )
+    ev_txt = ""
+    if ep_eval:
+        _append_per_class(
+            ctx.out_dir / "per_class_acc.csv", epoch, ctx.class_names, ep_eval["per_class"]
+        )
+        ev_txt = f" | eval loss {ep_eval['loss']:.4f} top1 {ep_eval['top1']:.2f} top5 {ep_eval['top5']:.2f}"
+    _logger.info(
+        "Epoch %d/%d | train loss %.4f%s%s | lr %.4g | %.0f img/s%s",
+        epoch + 1, ctx.num_epochs, train_m["loss"], md_txt, ev_txt, lr, train_m["img_per_s"],
+        f" | skipped {train_m['skipped_steps']}" if train_m["skipped_steps"] else "",
+    )  # fmt: skip
+
+
+def report(ctx: RunContext) -> dict[str, Any]:
+    """Best metric, before/after treatment and the treatment report; ends the run.
+
+    The best epoch is logged 1-based, as the "Epoch N/M" lines count (summary.csv and
+    ``best_per_class.json`` keep timm's 0-based ``epoch``).
+    """
+    args, saver, eval_m = ctx.args, ctx.saver, ctx.eval_m
+    result = {
+        "out_dir": str(ctx.out_dir),
+        "top1": eval_m.get("top1"),
+        "top5": eval_m.get("top5"),
+        "per_class": eval_m.get("per_class"),
+        "best": saver.best,
+    }
+    if ctx.is_main:
+        if saver.best:
+            _logger.info(
+                "*** Best metric: %.4f (epoch %d); final-epoch top1 %.2f%s",
+                saver.best[0],
+                saver.best[1] + 1,
+                eval_m.get("top1", float("nan")),
+                ""
+                if not ctx.val_is_test
+                else " (the validation split is the test set: report the final epoch)",
+            )
+        if ctx.doctor is not None and ctx.before is not None and eval_m:
+            _logger.info(
+                "Model Doctor: top1 before treatment %.2f -> after %.2f",
+                ctx.before["top1"],
+                eval_m["top1"],
+            )
+            if args.md_report:
+                _write_report(ctx)
+    if ctx.doctor is not None:
+        ctx.doctor.remove()
+    ctx.acc.wait_for_everyone()
+    if not ctx.nested:
+        ctx.acc.end_training()
+    return result
+
+
+def _write_report(ctx: RunContext) -> None:
+    from .report_hook import write_treatment_report
+
+    try:
+        path = write_treatment_report(
+            ctx.out_dir / "report",
+            ctx.doctor,
+            ctx.unwrapped,
+            ctx.before,
+            ctx.eval_m,
+            ctx.class_names,
+            ctx.train_base,
+            ctx.eval_tf,
+            ctx.args,
+        )
+        _logger.info("report: %s", path)
+    except Exception as e:  # a figure must never cost the user a finished training run
+        _logger.warning("could not write the report: %s", e)
