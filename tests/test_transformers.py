@@ -294,3 +294,30 @@ def test_report_gradient_maps_sum_over_the_real_channels(name, layer):
         expected = expected / expected.max()
         assert maps[b].shape == tuple(expected.shape)
         torch.testing.assert_close(torch.from_numpy(maps[b]), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_runs_model_doctor_on_a_vit(cifar10_root, tmp_path):
+    """End to end: train_md.py --md on a ViT (fused attention switched off, one log line)."""
+    import contextlib
+    import csv
+    import io
+
+    from md_plugin.train.main import cli
+
+    args = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8",
+            "depth=1", "--dataset", "torch/cifar10", "--data-dir", str(cifar10_root),
+            "--input-size", "3", "32", "32", "-b", "25", "--lr", "0.01", "--sched", "cosine",
+            "--warmup-epochs", "0", "--smoothing", "0", "--workers", "0", "--no-progress",
+            "--log-interval", "0", "--seed", "0", "--color-jitter", "0", "--epochs", "1",
+            "--md", "--md-baseline-epochs", "1", "--md-layers", "blocks.0", "--md-alpha", "0.5",
+            "--md-per-class", "5", "--no-md-report", "--output", str(tmp_path),
+            "--experiment", "vit"]  # fmt: skip
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # the trainer logs to sys.stdout
+        assert cli(args) == 0
+    with open(tmp_path / "vit" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["train_md_channel"]) > 0
+    d = Diagnosis.load(tmp_path / "vit" / "diagnosis.safetensors")
+    assert d.layers["blocks.0"].scores.shape == (10, 192)  # channels, not the 17 tokens
+    assert log.getvalue().count("fused attention off") == 1
