@@ -307,7 +307,7 @@ def diagnose(
     first = next(batches, None)
     if first is not None:
         batches = itertools.chain([first], batches)
-        if input_size is None:
+        if input_size is None and isinstance(first[0], torch.Tensor):
             input_size = tuple(first[0].shape[1:])
     if isinstance(layers, str) or (layers and isinstance(next(iter(layers)), str)):
         refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
