@@ -275,6 +275,13 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--md-beta", type=float, default=0.0, help="spatial loss weight (needs --md-masks)"
     )
+    g.add_argument(
+        "--md-every",
+        type=int,
+        default=1,
+        help="lazy regularisation: compute the Model Doctor terms only on every k-th optimizer "
+        "step, weighted by k (1 = every step)",
+    )
     g.add_argument("--md-grad-mode", default="relu", choices=["relu", "abs"])
     g.add_argument("--md-mask-rule", default="theta", choices=["theta", "mean", "topk"])
     g.add_argument("--md-theta", type=float, default=0.2)
@@ -323,6 +330,13 @@ def create_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="train this many plain epochs first when there is no checkpoint",
+    )
+    g.add_argument(
+        "--md-eval-before",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the checkpoint before treatment (--no-md-eval-before skips that pass "
+        "over the validation split, e.g. when it is the test set)",
     )
     g.add_argument(
         "--md-report",
@@ -563,6 +577,7 @@ def _validate(args: argparse.Namespace) -> None:
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be >= 1"),
         (0 <= args.md_alpha < math.inf, f"--md-alpha must be >= 0, got {args.md_alpha}"),
         (0 <= args.md_beta < math.inf, f"--md-beta must be >= 0, got {args.md_beta}"),
+        (args.md_every >= 1, f"--md-every must be >= 1, got {args.md_every}"),
         (0.0 <= args.md_theta <= 1.0, f"--md-theta must be in [0, 1], got {args.md_theta}"),
         (args.md_per_class >= 1, f"--md-per-class must be >= 1, got {args.md_per_class}"),
         (0.0 <= args.md_min_confidence <= 1.0, "--md-min-confidence must be in [0, 1]"),

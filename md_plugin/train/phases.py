@@ -530,9 +530,9 @@ def diagnose(ctx: RunContext) -> None:
         ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
         loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
-        input_size=data_config["input_size"],
+        input_size=data_config["input_size"], every=args.md_every,
     )  # fmt: skip
-    if ctx.before is None:
+    if ctx.before is None and args.md_eval_before:
         doctor.capture.enabled = False
         ev = evaluate(ctx.model, ctx.val_loader, acc, ctx.num_classes)
         doctor.capture.enabled = True

@@ -83,7 +83,9 @@ def build_report(
                 if m is None:
                     return None
                 mod = dict(m.named_modules())[refs[0].name]
-                return spatial_gradient_maps(m, mod, x, labels, to_map=refs[0].spatial_map)
+                return spatial_gradient_maps(
+                    m, mod, x, labels, normalize="none", to_map=refs[0].spatial_map
+                )
 
             kw["overlays"] = {
                 "images": shown,
