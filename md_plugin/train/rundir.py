@@ -160,3 +160,58 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# the run's phase, so the same command (or --resume) can finish an interrupted run
+# ----------------------------------------------------------------------------------------------
+STATE_NAME = "run_state.json"
+PHASES = ("baseline", "diagnosis", "training", "report", "done")
+
+# flags that do not change what a run computes (or are set by the run itself): a re-run of the
+# same command may differ in them and still continue the unfinished run
+_VOLATILE = {
+    "resume", "initial_checkpoint", "config", "no_progress", "log_interval", "workers", "device",
+    "local_rank", "start_epoch", "output", "experiment", "data",
+}  # fmt: skip
+
+
+def read_phase(run_dir: str | Path) -> str | None:
+    """The last phase the run in ``run_dir`` entered (``done`` when it finished), or None."""
+    try:
+        state = json.loads((Path(run_dir) / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    phase = state.get("phase") if isinstance(state, dict) else None
+    return phase if phase in PHASES else None
+
+
+def advance_phase(run_dir: str | Path, phase: str) -> None:
+    """Record that the run entered ``phase``; never moves back (a resumed run re-runs setup)."""
+    from ..files import atomic_write_text
+
+    now = read_phase(run_dir)
+    if now is not None and PHASES.index(now) >= PHASES.index(phase):
+        return
+    atomic_write_text(Path(run_dir) / STATE_NAME, json.dumps({"phase": phase}) + "\n")
+
+
+def changed_settings(run_dir: str | Path, args: Any) -> list[str]:
+    """Flags whose value differs from the run's ``args.yaml`` (empty when there is none)."""
+    import yaml
+
+    try:
+        recorded = yaml.safe_load((Path(run_dir) / "args.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    mine = vars(args)
+    out = []
+    for k, v in recorded.items():
+        if k in _VOLATILE or k.startswith("_") or k not in mine:
+            continue
+        now = list(mine[k]) if isinstance(mine[k], tuple) else mine[k]
+        if k == "lr" and v is not None and now is None:
+            continue  # args.yaml of a run whose lr was derived from --lr-base
+        if now != v:
+            out.append(k)
+    return out
