@@ -258,6 +258,15 @@ def resolve_num_classes(
         n, why = known, f"the dataset's {known} class names"
     else:
         n, why = max(targets) + 1, f"{max(targets) + 1} classes (largest training label + 1)"
+    for name, ds in evalsets:  # e.g. an ImageFolder split with a class folder more or less
+        other = getattr(ds, "classes", None)
+        if known is not None and isinstance(other, Sequence) and list(other) != list(classes):
+            extra = [c for c in other if c not in classes] or [c for c in classes if c not in other]
+            raise DataError(
+                f"the {name} split's classes differ from the training split's "
+                f"({len(other)} vs {known}, e.g. {extra[0] if extra else 'another order'!r}): "
+                "the same label would mean different classes"
+            )
     splits = [("training", targets)] + [(name, get_targets(ds)) for name, ds in evalsets]
     for name, labels in splits:
         bad = [v for v in labels if not 0 <= v < n]

@@ -437,19 +437,24 @@ def build_model_and_task(ctx: RunContext) -> None:
     if args.md_masks:
         from ..annotate.mask_store import load_masks
 
-        masks = load_masks(
-            args.md_masks,
-            dataset_size=len(ctx.train_base),
-            image_size=lambda i: _image_hw(ctx.train_base, i),  # each image's own size
-        )
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            masks = load_masks(
+                args.md_masks,
+                dataset_size=len(ctx.train_base),
+                image_size=lambda i: _image_hw(ctx.train_base, i),  # each image's own size
+            )
+        if args.md and args.md_beta > 0 and not masks:
+            why = f" ({len(skipped)} skipped, e.g. {skipped[0].message})" if skipped else ""
+            raise ConfigError(
+                f"--md-beta {args.md_beta} needs foreground masks, but no mask in {args.md_masks} "
+                f"fits the training images{why}: the spatial term would be off"
+            )
+        for w in skipped:  # not an error: pass the per-file reasons on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if ctx.is_main:
             _logger.info(
                 "foreground masks: %d of %d training images", len(masks), len(ctx.train_base)
-            )
-        if args.md and args.md_beta > 0 and not masks:
-            raise ConfigError(
-                f"--md-beta {args.md_beta} needs foreground masks, but no mask in {args.md_masks} "
-                "fits the training images (see the warnings above): the spatial term would be off"
             )
     train_ds = TransformedDataset(ctx.train_base, train_tf, masks if args.md else None)
     val_ds = TransformedDataset(ctx.val_base, ctx.eval_tf)
@@ -695,8 +700,8 @@ def _fit_diagnosis(ctx: RunContext, diag: Any, path: str) -> Any:
     mine = model_fingerprint(model, [])
     if diag.fingerprint.get("params") != mine["params"]:
         raise MDError(
-            f"diagnosis {path} was made for a model with different parameter shapes "
-            f"({diag.fingerprint.get('arch')!r}, this model is {mine['arch']!r})"
+            "diagnosis was made for a model with different parameter shapes "
+            f"({diag.fingerprint.get('arch')!r}, this model is {mine['arch']!r}): {path}"
         )
     names = [r.name for r in resolve_layers(model, args.md_layers, ctx.data_config["input_size"])]
     missing = [n for n in names if n not in diag.layers]
