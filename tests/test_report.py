@@ -155,6 +155,23 @@ def test_spatial_gradient_maps_known_answer():
 
     assert len(conv._forward_hooks) == 0
     assert model.training and model[0].training and not model[2].training
+    raw = spatial_gradient_maps(model, conv, images, targets, normalize="none")
+    unscaled = (weight * spatial_mask).clamp(min=0).sum(dim=1)[targets]
+    np.testing.assert_allclose(raw, unscaled.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_overlay_maps_are_scale_free_shares_with_robust_limits():
+    from md_plugin.report.plots import gradient_shares_map, robust_limit
+
+    m = np.array([[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    s = gradient_shares_map(m)
+    np.testing.assert_allclose(s[0], [[0.25, 0.75], [0, 0]])
+    assert (s[1] == 0).all()  # an all-zero map stays zero
+    np.testing.assert_allclose(gradient_shares_map(m * 1e-4), s)  # shrinking changes nothing
+    # one hot cell among 99 ordinary ones does not set the colour limit
+    v = np.r_[np.ones(99), 1000.0]
+    assert robust_limit(v, 95) == 1.0 and robust_limit(v, 100) == 1000.0
+    assert robust_limit(np.zeros(3)) == 1.0
 
 
 def test_spatial_gradient_maps_rejects_2d_output_and_cleans_up():

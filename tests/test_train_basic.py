@@ -111,10 +111,12 @@ def test_md_run_from_checkpoint_diagnoses_and_treats(baseline_run, cifar10_root,
 
 def test_md_monitor_control_and_share_loss_runs(baseline_run, cifar10_root, tmp_path, capsys):
     """--md-alpha 0 --md-monitor logs the would-be penalty; --md-loss share trains on the share;
-    --sampler-epoch-length shortens plain-shuffled epochs; all recorded in args.yaml."""
+    --sampler-epoch-length shortens plain-shuffled epochs; --no-md-eval-before skips the
+    evaluation before treatment; all recorded in args.yaml."""
     common = TINY + ["--data-dir", str(cifar10_root), "--epochs", "2", "--output", str(tmp_path),
                      "--md", "--md-per-class", "5", "--sampler-epoch-length", "60",
-                     "--no-md-report", "--initial-checkpoint", str(baseline_run / "last.pth.tar")]  # fmt: skip
+                     "--no-md-report", "--no-md-eval-before",
+                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")]  # fmt: skip
     assert cli(common + ["--experiment", "ctl", "--md-alpha", "0", "--md-monitor"]) == 0
     diag = str(tmp_path / "ctl" / "diagnosis.safetensors")
     assert cli(common + ["--experiment", "plain", "--md-alpha", "0", "--md-diagnosis", diag]) == 0
@@ -133,8 +135,10 @@ def test_md_monitor_control_and_share_loss_runs(baseline_run, cifar10_root, tmp_
         assert float(r["train_loss"]) > float(r["train_ce"])
     args = yaml.safe_load((tmp_path / "share" / "args.yaml").read_text())
     assert args["md_loss"] == "share" and args["sampler_epoch_length"] == 60
+    ck = torch.load(tmp_path / "share" / "last.pth.tar", weights_only=False)
+    assert ck["num_updates"] == 2 * 60 // 20  # 2 epochs of 60 images, batch 20
     log = capsys.readouterr().out
-    assert "training set: 200 images" in log
+    assert "training set: 200 images" in log and "before treatment" not in log
 
 
 def test_md_loss_conflicting_flags_are_one_line(cifar10_root, tmp_path, capsys):

@@ -25,19 +25,24 @@ def spatial_gradient_maps(
     module: nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor | Sequence[int],
+    normalize: str = "max",
 ) -> np.ndarray:
-    """Per-sample map [N, H, W] in [0, 1] of the target logit's positive gradient at ``module``.
+    """Per-sample map [N, H, W] of the target logit's positive gradient at ``module``.
 
     ``images`` is the model's input batch [N, C, H, W] (already normalised as the model
     expects); ``targets`` holds one class index per sample. The map is
     ``sum_k relu(d logit_target / d feature[k])`` over the channels k of ``module``'s output,
-    divided by its per-sample maximum (an all-zero map stays zero).
+    divided by its per-sample maximum (``normalize="max"``, in [0, 1]; an all-zero map stays
+    zero) or left as is (``"none"``: before/after maps then keep their relative size, which
+    :func:`~md_plugin.report.plots.plot_gradient_overlays` reports).
 
     The model runs in eval mode: BatchNorm then uses running statistics, so samples do not
     interact and one backward pass of the *sum* of target logits yields every sample's own
     gradient exactly. Train/eval flags of every submodule are restored afterwards and the
     temporary hook is always removed. Batch the calls yourself for large N.
     """
+    if normalize not in ("max", "none"):
+        raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
     if not any(m is module for m in model.modules()):
         raise ValueError("module is not a submodule of model")
     targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
@@ -89,6 +94,8 @@ def spatial_gradient_maps(
             m.training = was_training
 
     maps = grad.clamp(min=0).sum(dim=1)
+    if normalize == "none":
+        return maps.detach().float().cpu().numpy()
     peak = maps.flatten(1).amax(dim=1).clamp(min=torch.finfo(maps.dtype).tiny)
     maps = maps / peak[:, None, None]
     return maps.detach().float().cpu().numpy()

@@ -34,9 +34,11 @@ __all__ = [
     "jaccard_matrix",
     "plot_accuracy_bars",
     "plot_confusion_pair",
+    "gradient_shares_map",
     "plot_gradient_overlays",
     "plot_jaccard",
     "plot_relevance_heatmap",
+    "robust_limit",
     "upsample_bilinear",
 ]
 
@@ -361,6 +363,25 @@ def plot_confusion_pair(
     return _save(fig, path)
 
 
+def gradient_shares_map(maps: np.ndarray) -> np.ndarray:
+    """[N, h, w] non-negative maps -> each map's share of its own total (sums to 1; 0 stays 0).
+
+    Where the gradient sits, independent of its overall size: a treatment that shrinks every
+    gradient leaves these maps unchanged, one that moves gradient changes them.
+    """
+    m = np.clip(np.asarray(maps, dtype=float), 0, None)
+    tot = m.reshape(m.shape[0], -1).sum(1)[:, None, None]
+    return np.divide(m, tot, out=np.zeros_like(m), where=tot > 0)
+
+
+def robust_limit(values: np.ndarray, q: float = 99.0) -> float:
+    """The ``q``-th percentile of ``values`` (ignoring zeros and NaN), > 0: a colour limit that a
+    few hot cells cannot stretch, so most of the map keeps its contrast."""
+    v = np.abs(np.asarray(values, dtype=float)).ravel()
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.percentile(v, q)) if v.size else 1.0
+
+
 def plot_gradient_overlays(
     path: str | Path,
     images: np.ndarray,
@@ -368,23 +389,29 @@ def plot_gradient_overlays(
     labels: Sequence[int],
     maps_before: np.ndarray,
     maps_after: np.ndarray | None = None,
+    *,
+    percentile: float = 99.0,
 ) -> Path:
-    """One row per sample: the image, then its true-class gradient map before (and after).
+    """One row per sample: the image, its true-class gradient map before (and after) treatment,
+    and with both a difference panel (after - before).
 
-    ``images`` are [N, H, W, 3] (or [N, H, W] grey) floats in [0, 1]; maps are [N, h, w] in
-    [0, 1] and are upsampled bilinearly to H x W. Where treatment worked, the "after" map
-    should concentrate on the object rather than background. Pass a handful of samples: the
-    figure grows by one row per sample.
+    ``images`` are [N, H, W, 3] (or [N, H, W] grey) floats in [0, 1]; maps are [N, h, w],
+    non-negative, at any scale (raw gradients are best: the row label then gives the change in
+    total gradient mass). Each map is shown as its share of its own total (where the gradient
+    sits, not how large it is), upsampled bilinearly to H x W, in a perceptually uniform colormap
+    (magma) whose limit is the ``percentile``-th percentile of all shown map values, shared by
+    before and after so they compare directly. The difference panel uses a diverging colormap
+    (red = gained share, blue = lost), symmetric at the ``percentile``-th percentile of |diff|.
     """
     images = np.clip(np.asarray(images, dtype=float), 0, 1)
     labels = np.asarray(labels, dtype=int).reshape(-1)
-    maps = [("before treatment", np.asarray(maps_before, dtype=float))]
+    raw = [("before treatment", np.asarray(maps_before, dtype=float))]
     if maps_after is not None:
-        maps.append(("after treatment", np.asarray(maps_after, dtype=float)))
+        raw.append(("after treatment", np.asarray(maps_after, dtype=float)))
     n = images.shape[0]
     if images.ndim not in (3, 4) or labels.shape[0] != n:
         raise ValueError(f"images must be [N, H, W(, 3)] with N labels; got {images.shape}, {n=}")
-    for t, m in maps:
+    for t, m in raw:
         if m.ndim != 3 or m.shape[0] != n:
             raise ValueError(f"gradient maps {t} must be [{n}, h, w]; got {m.shape}")
     names = [str(c) for c in class_names]
@@ -393,28 +420,54 @@ def plot_gradient_overlays(
             f"labels must lie in [0, {len(names)}); got {labels.min()}..{labels.max()}"
         )
     h, w = images.shape[1:3]
+    up = [
+        (t, np.stack([upsample_bilinear(s, (h, w)) for s in gradient_shares_map(m)]))
+        for t, m in raw
+    ]
+    vmax = robust_limit(np.concatenate([u for _, u in up]), percentile) if n else 1.0
+    diff = up[1][1] - up[0][1] if len(up) == 2 else None
+    dlim = robust_limit(diff, percentile) if diff is not None and n else 1.0
+    mass = [m.reshape(n, -1).sum(1) for _, m in raw]
 
-    cols = 1 + len(maps)
-    fig = Figure(figsize=(2.3 * cols + 0.8, 2.3 * max(n, 1) + 0.6), layout="constrained")
+    cols = 1 + len(up) + (diff is not None)
+    fig = Figure(figsize=(2.3 * cols + 1.6, 2.3 * max(n, 1) + 0.7), layout="constrained")
     axes = fig.subplots(max(n, 1), cols, squeeze=False)
+    im_map = None
     for i in range(n):
         img = images[i]
-        cmap = "gray" if img.ndim == 2 else None
-        axes[i, 0].imshow(img, cmap=cmap, vmin=0, vmax=1)
-        axes[i, 0].set_ylabel(names[labels[i]], fontsize=9)
-        # overlays sit on a grey copy so every colour in them belongs to the gradient map
+        axes[i, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        label = names[labels[i]]
+        if len(mass) == 2 and mass[0][i] > 0:
+            label += f"\ntotal mass x{mass[1][i] / mass[0][i]:.2g}"
+        axes[i, 0].set_ylabel(label, fontsize=9)
+        # a faint grey copy under the map keeps the object recognisable
         grey = img if img.ndim == 2 else img @ np.array([0.299, 0.587, 0.114])
-        for j, (_, m) in enumerate(maps, start=1):
+        for j, (_, u) in enumerate(up, start=1):
             axes[i, j].imshow(grey, cmap="gray", vmin=0, vmax=1)
-            up = upsample_bilinear(m[i], (h, w))
-            axes[i, j].imshow(up, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            im_map = axes[i, j].imshow(u[i], cmap="magma", alpha=0.8, vmin=0, vmax=vmax)
+        if diff is not None:
+            axes[i, -1].imshow(grey, cmap="gray", vmin=0, vmax=1)
+            axes[i, -1].imshow(diff[i], cmap="RdBu_r", alpha=0.85, vmin=-dlim, vmax=dlim)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, 0].set_title("image (row label = true class)", fontsize=9)
-    for j, (t, _) in enumerate(maps, start=1):
+    for j, (t, _) in enumerate(up, start=1):
         axes[0, j].set_title(f"true-class gradient,\n{t}", fontsize=9)
-    if n:  # an opaque colour bar: the overlays' transparency would wash it out
-        bar = ScalarMappable(Normalize(0, 1), cmap="jet")
-        fig.colorbar(bar, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="relative gradient")
+    if diff is not None:
+        axes[0, -1].set_title("after - before\n(red: gained, blue: lost)", fontsize=9)
+    if n:  # opaque colour bars: the overlays' transparency would wash them out
+        fig.colorbar(
+            ScalarMappable(Normalize(0, vmax), cmap=im_map.cmap if im_map else "magma"),
+            ax=axes[:, 1 : 1 + len(up)].ravel().tolist(),
+            shrink=0.6,
+            label=f"share of the map's gradient per cell\n(clipped at the {percentile:g}th pct)",
+        )
+        if diff is not None:
+            fig.colorbar(
+                ScalarMappable(Normalize(-dlim, dlim), cmap="RdBu_r"),
+                ax=axes[:, -1].tolist(),
+                shrink=0.6,
+                label="change in share",
+            )
     return _save(fig, path)

@@ -52,10 +52,13 @@ _CM_CAPTION = (
     "the diagonal and fade the off-diagonal cells."
 )
 _OVERLAY_CAPTION = (
-    "One sample per row, its true class on the left. The overlays show where the gradient of "
-    "the true-class logit at {layer} is positive, summed over channels and scaled per image "
-    "(red = strongest), drawn over a grey copy of the image. After a successful treatment "
-    "this evidence should sit on the object rather than on the background."
+    "One sample per row, its true class on the left (with the change in total gradient mass when "
+    "there is an after map). Each overlay shows where the positive gradient of the true-class "
+    "logit at {layer} sits, summed over channels, as each map's share of its own total: a "
+    "treatment that only shrinks every gradient leaves it unchanged. Colours are perceptually "
+    "uniform (bright = more), clipped at a high percentile shared by before and after. The last "
+    "column is after minus before: red where the gradient's share grew, blue where it shrank. "
+    "After a successful treatment, red should sit on the object and blue on the background."
 )
 
 

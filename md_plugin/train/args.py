@@ -325,6 +325,13 @@ def create_parser() -> argparse.ArgumentParser:
         help="train this many plain epochs first when there is no checkpoint",
     )
     g.add_argument(
+        "--md-eval-before",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the checkpoint before treatment (--no-md-eval-before skips that pass "
+        "over the validation split, e.g. when it is the test set)",
+    )
+    g.add_argument(
         "--md-report",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -671,7 +671,7 @@ def diagnose(ctx: RunContext) -> None:
         loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
         input_size=data_config["input_size"],
     )  # fmt: skip
-    if ctx.before is None:
+    if ctx.before is None and args.md_eval_before:
         doctor.capture.enabled = False
         ev = evaluate(ctx.model, ctx.val_loader, acc, ctx.num_classes)
         doctor.capture.enabled = True

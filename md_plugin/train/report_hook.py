@@ -79,7 +79,7 @@ def build_report(
                 if m is None:
                     return None
                 mod = dict(m.named_modules())[refs[0].name]
-                return spatial_gradient_maps(m, mod, x, labels)
+                return spatial_gradient_maps(m, mod, x, labels, normalize="none")
 
             kw["overlays"] = {
                 "images": shown,

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Round two, start point A: the converged 30-epoch resnet20_cifar (90.47%), four arms x 3 seeds.
+# The plan (fixed before any run) is in docs/results.md, "Round two: plan".
+#
+#     . .venv/bin/activate && nice -n 5 bash experiments/round2_cifar10.sh   # ~1 h, loaded 2-core CPU
+#
+# Outputs: experiments/runs/round2_cifar10/<run>/ and <run>.log; start/ holds the shared
+# diagnosis and alpha.json. Two trainings at a time (PAR, default 2), each on one thread.
+# A run whose folder holds DONE is skipped.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"  # run(), PY, DATA, one thread
+
+OUT=${OUT:-experiments/runs/round2_cifar10}
+CK=${CK:-/work/shared/checkpoints/resnet20_cifar10_e30/last.pth.tar}
+PAR=${PAR:-2}
+mkdir -p "$OUT"
+START="$OUT/start"
+if [[ ! -f "$START/alpha.json" ]]; then
+  echo "[$(date -Is)] prepare (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+  "$PY" experiments/prepare_start.py --checkpoint "$CK" --data-dir "$DATA" \
+    --first 10000 --out "$START" 2>&1 | tee "$OUT/prepare.log"
+fi
+A_SHARE=$("$PY" -c "import json; print(json.load(open('$START/alpha.json'))['alpha_share'])")
+
+COMMON=(--model resnet20_cifar --dataset torch/cifar10 --data-dir "$DATA" -b 128 --opt sgd
+  --momentum 0.9 --weight-decay 5e-4 --sched cosine --sched-on-updates --smoothing 0
+  --crop-padding 4 --color-jitter 0 --workers 1 --no-progress --log-interval 0 --output "$OUT"
+  --initial-checkpoint "$CK" --epochs 8 --sampler-epoch-length 1024 --val-interval 8
+  --lr 0.01 --warmup-epochs 0 --md --md-diagnosis "$START/diagnosis.safetensors"
+  --no-md-eval-before --no-md-report)
+
+stats() {  # stats NAME CHECKPOINT: irrelevant share on the first 1,000 test images, once
+  [[ -f "$OUT/$1.heldout.json" ]] && return
+  "$PY" experiments/heldout_stats.py --checkpoint "$2" --out "$OUT/$1.heldout.json" \
+    --diagnosis "$START/diagnosis.safetensors" --data-dir "$DATA" --split test --first 1000 \
+    >>"$OUT/$1.log" 2>&1
+}
+
+job() {  # job NAME ARGS...: one run, its held-out statistic, the load at start and end
+  local t0=$SECONDS
+  echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/$1.load"
+  run "$@"
+  echo "train wall $((SECONDS - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/$1.load"
+  stats "$1" "$OUT/$1/last.pth.tar"
+  echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg); wall $((SECONDS - t0)) s" >>"$OUT/$1.load"
+}
+
+[[ -f "$OUT/start.heldout.json" ]] || stats start "$CK" &
+# Seeds before arms: when time runs out, whole arms are missing, never seeds of an arm.
+# Priority (fixed before any result): control, official, share, true-class only.
+declare -A ARM=(
+  [ctl]="--md-alpha 0 --md-monitor"
+  [official]="--md-loss official --md-alpha 0.078"
+  [share]="--md-loss share --md-alpha $A_SHARE"
+  [trueonly]="--md-loss true_only --md-alpha 0.078"
+)
+ORDER=${ORDER:-"ctl_s0 official_s0 ctl_s1 official_s1 ctl_s2 official_s2 share_s0 share_s1 share_s2 trueonly_s0 trueonly_s1 trueonly_s2"}
+busy() {  # our running jobs, plus runs started by an earlier invocation that are not finished
+  local n
+  n=$(jobs -rp | wc -l)
+  for r in ${EXTERNAL:-}; do [[ -f "$OUT/$r.heldout.json" ]] || n=$((n + 1)); done
+  echo "$n"
+}
+for name in $ORDER; do
+  [[ " ${EXTERNAL:-} " == *" $name "* ]] && continue
+  while (($(busy) >= PAR)); do
+    wait -n 2>/dev/null || sleep 15
+  done
+  arm=${name%_s*}
+  # shellcheck disable=SC2086
+  job "$name" ${ARM[$arm]} --seed "${name##*_s}" &
+  sleep 2
+done
+wait
+echo "[$(date -Is)] all runs done"
