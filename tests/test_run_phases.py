@@ -111,7 +111,7 @@ def test_killed_during_diagnosis_the_same_command_finishes_the_run(
     assert (run / "last.pth.tar").read_bytes() == before
     # the same command once more: refused, nothing overwritten
     assert cli(argv) == 2
-    assert f"{run} already holds a finished run" in _one_error(capsys)
+    assert f"{run} already holds a run (finished)" in _one_error(capsys)
 
 
 def test_killed_during_diagnosis_the_baseline_resume_advice_finishes_the_run(

@@ -213,7 +213,7 @@ def _plan_run(ctx: RunContext) -> None:
         return
     if phase == "done":
         raise ConfigError(
-            f"{out} already holds a finished run; choose another --experiment "
+            f"{out} already holds a run (finished); choose another --experiment "
             f"(--resume {out} only reports it finished)"
         )
     changed = changed_settings(out, args)
