@@ -58,7 +58,9 @@ class RunContext:
 
     # build_data: untransformed datasets, labels, the output folder's path (not yet created)
     train_base: Any = None
-    val_base: Any = None
+    val_base: Any = None  # selects the best epoch: --val-split, or the --val-from-train hold-out
+    test_base: Any = None  # with --val-from-train: the --val-split, evaluated once at the end
+    data_info: dict[str, Any] = field(default_factory=dict)  # class map, caps, hold-out
     targets: list[int] = field(default_factory=list)
     num_classes: int = 0
     counts: list[int] = field(default_factory=list)  # training images per class
@@ -82,6 +84,8 @@ class RunContext:
     lr_scheduler: Any = None
     num_epochs: int = 0
     criterion: torch.nn.Module | None = None
+    mixup: Any = None  # timm.data.Mixup when --mixup/--cutmix
+    batch_augment: Any = None  # recipe.BatchAugment: batch erasing (--resplit) and mixup
     model_ema: Any = None
     state: TrainState = field(default_factory=TrainState)
     saver: CheckpointManager | None = None

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import warnings
@@ -37,6 +38,7 @@ from .args import args_to_yaml_dict
 from .checkpoint import CheckpointManager, load_checkpoint_file, load_weights
 from .context import RunContext, Summary, atomic_text
 from .engine import TrainingAborted, TrainState, evaluate, train_one_epoch
+from .recipe import set_mixup_epoch
 from .rundir import advance_phase, changed_settings, read_phase
 
 __all__ = [
@@ -68,10 +70,43 @@ def _setup_logging(is_main: bool) -> None:
     )
 
 
+def _select_device(args: argparse.Namespace) -> None:
+    """``--device cuda:N`` in a single process: make GPU N current before accelerate starts
+    (accelerate then uses ``cuda``, the current device). Several processes get one GPU per
+    local rank from accelerate, so there the flag is refused."""
+    dev = str(args.device or "")
+    if dev == "cuda" and not torch.cuda.is_available():
+        _logger.warning("--device cuda: no CUDA device here, accelerate trains on the CPU")
+    if not dev.startswith("cuda:"):
+        return
+    index = int(dev.split(":", 1)[1])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"--device {dev} selects one GPU; with several processes use "
+            "`accelerate launch --gpu_ids ...` (or CUDA_VISIBLE_DEVICES) instead"
+        )
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ConfigError(f"--device {dev}: this machine has {have} CUDA device(s)")
+    torch.cuda.set_device(index)
+
+
+def _import_device_modules(args: argparse.Namespace) -> None:
+    """timm's ``--device-modules``: import them first (they may register models or backends)."""
+    import importlib
+
+    for name in args.device_modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--device-modules: cannot import {name!r}: {e}") from None
+
+
 def create_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    _select_device(args)
     mixed = None
     if args.amp:
         mixed = "bf16" if args.amp_dtype == "bfloat16" else "fp16"
@@ -99,6 +134,7 @@ def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         num_classes=num_classes,
         drop_rate=args.drop,
         drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
         global_pool=args.gp,
         bn_momentum=args.bn_momentum,
         bn_eps=args.bn_eps,
@@ -120,9 +156,28 @@ def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         raise ConfigError(f"cannot create {args.model}: {str(e).splitlines()[0]}") from None
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
+    _init_head(model, args)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _init_head(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """timm's ``--head-init-scale`` / ``--head-init-bias`` on the classifier (after loading)."""
+    if args.head_init_scale is None and args.head_init_bias is None:
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Linear | torch.nn.Conv2d):
+        raise ConfigError(
+            f"--head-init-scale/--head-init-bias: {args.model} has no linear classifier to scale"
+        )
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            head.weight.mul_(args.head_init_scale)
+            if head.bias is not None:
+                head.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None and head.bias is not None:
+            head.bias.fill_(args.head_init_bias)
 
 
 def _lr(args: argparse.Namespace, world: int) -> float:
@@ -323,6 +378,7 @@ def create_context(args: argparse.Namespace, nested: bool = False) -> RunContext
     """Accelerator, logging and the seed: what every later phase runs under."""
     from accelerate.utils import set_seed
 
+    _import_device_modules(args)
     acc = create_accelerator(args)
     _setup_logging(acc.is_main_process)
     set_seed(args.seed)
@@ -331,23 +387,30 @@ def create_context(args: argparse.Namespace, nested: bool = False) -> RunContext
 
 def build_data(ctx: RunContext) -> None:
     """The untransformed datasets, class counts and names; checks that need only the data."""
-    from ..data.datasets import create_dataset, get_class_names, get_targets, resolve_num_classes
+    from ..data.datasets import create_datasets, get_class_names, get_targets, resolve_num_classes
 
     args = ctx.args
     ds_kw = dict(
         download=args.dataset_download, imb_ratio=args.imb_ratio, imb_type=args.imb_type,
         imb_seed=args.imb_seed, input_size=(args.input_size[-1] if args.input_size else (args.img_size or 32)),
     )  # fmt: skip
-    ctx.train_base = create_dataset(args.dataset, args.data_dir, args.train_split, **ds_kw)
-    ctx.val_base = create_dataset(args.dataset, args.data_dir, args.val_split, **ds_kw)
+    splits = create_datasets(
+        args.dataset, args.data_dir, args.train_split, args.val_split,
+        class_map=args.class_map, class_cap=args.class_cap, val_from_train=args.val_from_train,
+        data_seed=args.data_seed, **ds_kw,
+    )  # fmt: skip
+    ctx.train_base, ctx.val_base, ctx.test_base = splits.train, splits.val, splits.test
+    ctx.data_info = splits.info
     ctx.targets = targets = get_targets(ctx.train_base)
     if len(ctx.train_base) == 0:
         raise MDError("the training set is empty")
     # every label of both splits against the class count, before any training
+    evalsets = [("validation", ctx.val_base)]
+    if ctx.test_base is not None:
+        evalsets.append(("test", ctx.test_base))
     ctx.num_classes = resolve_num_classes(
-        ctx.train_base, [(f"validation ({args.val_split!r})", ctx.val_base)], args.num_classes,
-        train_targets=targets,
-    )  # fmt: skip
+        ctx.train_base, evalsets, args.num_classes, train_targets=targets
+    )
     ctx.counts = torch.bincount(torch.tensor(targets), minlength=ctx.num_classes).tolist()
     ctx.class_names = get_class_names(ctx.train_base, ctx.num_classes)
     if ctx.is_main:
@@ -357,10 +420,23 @@ def build_data(ctx: RunContext) -> None:
             ctx.num_classes,
             ctx.counts,
         )
-        _logger.info("validation set: %d images (split %r)", len(ctx.val_base), args.val_split)
+        if ctx.test_base is None:
+            _logger.info("validation set: %d images (split %r)", len(ctx.val_base), args.val_split)
+        else:
+            _logger.info(
+                "validation set: %d images held out from the training split (stratified, "
+                "--data-seed %d; per class %s): they select the best epoch; test set: %d images "
+                "(split %r), evaluated once at the end",
+                len(ctx.val_base), args.data_seed, ctx.data_info["val_from_train"]["per_class"],
+                len(ctx.test_base), args.val_split,
+            )  # fmt: skip
+        if args.class_map:
+            _logger.info("class map %s: classes %s", args.class_map, ctx.class_names)
     # torchvision CIFAR has no validation split: 'validation' is the test set (model_best and the
     # "best metric" are then chosen on test data, as in timm; results should use the final epoch)
-    ctx.val_is_test = args.dataset.lower().split("/")[-1].startswith("cifar")
+    ctx.val_is_test = ctx.test_base is None and args.dataset.lower().split("/")[-1].startswith(
+        "cifar"
+    )
     if args.batch_size > len(ctx.train_base):
         raise ConfigError(
             f"--batch-size {args.batch_size} is larger than the training set ({len(ctx.train_base)} images)"
@@ -416,8 +492,17 @@ def build_model_and_task(ctx: RunContext) -> None:
 
     from ..data.datasets import TransformedDataset
     from ..data.samplers import check_batch_size, create_sampler
-    from ..data.transforms import create_eval_transform, create_train_transform
-    from ..losses.classification import create_loss
+    from ..data.transforms import (
+        create_eval_transform,
+        create_train_transform,
+        train_transform_kwargs,
+    )
+    from .recipe import (
+        create_batch_augment,
+        create_mixup,
+        create_repeat_sampler,
+        create_train_loss,
+    )
 
     args, acc, out_dir = ctx.args, ctx.acc, ctx.out_dir
 
@@ -426,12 +511,7 @@ def build_model_and_task(ctx: RunContext) -> None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ctx.data_config = data_config = resolve_data_config(vars(args), model=model, verbose=False)
-    train_tf = create_train_transform(
-        data_config, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, reprob=args.reprob,
-        crop_padding=args.crop_padding,
-        interpolation=None if args.train_interpolation == "random" else args.train_interpolation,
-    )  # fmt: skip
+    train_tf = create_train_transform(data_config, **train_transform_kwargs(args))
     ctx.eval_tf = create_eval_transform(data_config)
     masks = None
     if args.md_masks:
@@ -466,6 +546,8 @@ def build_model_and_task(ctx: RunContext) -> None:
             out_dir / "train_counts.json",
             json.dumps({"counts": ctx.counts, "classes": ctx.class_names}),
         )
+        if ctx.test_base is not None:  # which images were held out, by position in the train split
+            atomic_text(out_dir / "held_out.json", json.dumps(ctx.data_info["val_from_train"]))
     acc.wait_for_everyone()
 
     # ---- loaders, optimizer, scheduler --------------------------------------------------------
@@ -474,6 +556,8 @@ def build_model_and_task(ctx: RunContext) -> None:
         total_epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
     ctx.generator = torch.Generator()
+    if sampler is None:
+        sampler = create_repeat_sampler(args, train_ds)  # --aug-repeats (timm's sampler)
     if sampler is None:  # plain shuffling; --sampler-epoch-length draws that many per epoch
         sampler = RandomSampler(
             train_ds, num_samples=args.sampler_epoch_length, generator=ctx.generator
@@ -482,7 +566,8 @@ def build_model_and_task(ctx: RunContext) -> None:
     else:
         check_batch_size(len(sampler), args.batch_size)
     ctx.sampler = sampler
-    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=False)
+    pin = args.pin_mem and torch.cuda.is_available()  # pinned memory only helps copies to a GPU
+    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=pin)
     train_loader = DataLoader(
         train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True, **workers
     )
@@ -502,11 +587,9 @@ def build_model_and_task(ctx: RunContext) -> None:
     ctx.lr_scheduler, ctx.num_epochs = create_scheduler_v2(
         ctx.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch
     )
-    ctx.criterion = create_loss(
-        args.loss, cls_num_list=ctx.counts, smoothing=args.smoothing, focal_gamma=args.focal_gamma,
-        rfl_threshold=args.rfl_threshold, cb_beta=args.cb_beta, ldam_max_m=args.ldam_max_m,
-        ldam_s=args.ldam_s, la_tau=args.la_tau, drw_epoch=args.drw_epoch,
-    ).to(acc.device)  # fmt: skip
+    ctx.criterion = create_train_loss(args, ctx.counts).to(acc.device)
+    ctx.mixup = create_mixup(args, ctx.num_classes)
+    ctx.batch_augment = create_batch_augment(args, ctx.mixup, acc.device)
     if args.model_ema:
         from timm.utils import ModelEmaV3
 
@@ -628,7 +711,7 @@ def diagnose(ctx: RunContext) -> None:
                 f"diagnosing on {split!r}: the evaluation set leaks into training", stacklevel=2
             )
         base = (
-            ctx.train_base
+            ctx.train_base  # without the --val-from-train hold-out
             if split == args.train_split
             else create_dataset(
                 args.dataset,
@@ -639,6 +722,10 @@ def diagnose(ctx: RunContext) -> None:
                 imb_seed=args.imb_seed,
             )
         )
+        if split != args.train_split and args.class_map:
+            from ..data.class_map import apply_class_map
+
+            base = apply_class_map(base, args.class_map, args.data_dir)
         # each image on exactly one rank (a prepared loader would pad with repeated images,
         # which could then enter a class's top-N twice)
         diag_loader = DataLoader(
@@ -669,7 +756,7 @@ def diagnose(ctx: RunContext) -> None:
         ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
         loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
-        input_size=data_config["input_size"],
+        input_size=data_config["input_size"], every=args.md_every,
     )  # fmt: skip
     if ctx.before is None and args.md_eval_before:
         doctor.capture.enabled = False
@@ -782,10 +869,11 @@ def _train_epoch(ctx: RunContext, epoch: int) -> dict[str, float]:
         ctx.sampler.set_epoch(epoch)
     if hasattr(ctx.criterion, "set_epoch"):
         ctx.criterion.set_epoch(epoch)
+    set_mixup_epoch(ctx.mixup, args, epoch)
     train_m = train_one_epoch(
         epoch, ctx.model, ctx.train_loader, ctx.optimizer, ctx.criterion, ctx.acc, args, state,
         lr_scheduler=ctx.lr_scheduler, doctor=ctx.doctor, model_ema=ctx.model_ema,
-        skip_batches=ctx.skip_batches, partial=ctx.resume_partial,
+        skip_batches=ctx.skip_batches, partial=ctx.resume_partial, mixup_fn=ctx.batch_augment,
     )  # fmt: skip
     ctx.skip_batches, ctx.resume_partial = 0, None
     # "interrupted" is agreed by all ranks in the step loop; a signal that lands after the
@@ -910,12 +998,60 @@ def report(ctx: RunContext) -> dict[str, Any]:
                 _write_report(ctx)
     if ctx.doctor is not None:
         ctx.doctor.remove()
+    if ctx.test_base is not None:
+        result["test"] = _final_test(ctx)
     if ctx.is_main:
         advance_phase(ctx.out_dir, "done")
     ctx.acc.wait_for_everyone()
     if not ctx.nested:
         ctx.acc.end_training()
     return result
+
+
+def _final_test(ctx: RunContext) -> dict[str, Any]:
+    """With --val-from-train: evaluate the held-out-selected best checkpoint on the test set once.
+
+    Writes ``test_results.json`` (which checkpoint, which epoch, top-1/top-5, per class); the
+    summary's ``eval_*`` columns are the held-out validation set, not the test set.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import TransformedDataset
+
+    args, acc, saver = ctx.args, ctx.acc, ctx.saver
+    best_path = ctx.out_dir / "model_best.pth.tar"
+    which, epoch = "last", None
+    if saver.best is not None and best_path.is_file():
+        load_weights(ctx.unwrapped, best_path, prefer_ema=bool(args.model_ema))
+        which, epoch = "model_best", int(saver.best[1])
+    loader = DataLoader(
+        TransformedDataset(ctx.test_base, ctx.eval_tf),
+        batch_size=args.validation_batch_size or args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+    )
+    m = evaluate(ctx.model, acc.prepare(loader), acc, ctx.num_classes)  # model wraps unwrapped
+    out = {
+        "checkpoint": which,
+        "epoch": epoch,
+        "selected_on": f"{args.val_from_train} images held out from {args.train_split!r}",
+        "test_split": args.val_split,
+        "images": m["count"],
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
+        "classes": ctx.class_names,
+        "per_class": m["per_class"],
+    }
+    if acc.is_main_process:
+        atomic_text(ctx.out_dir / "test_results.json", json.dumps(out, indent=1))
+        _logger.info(
+            "*** TEST (split %r, %d images, read once): top1 %.2f top5 %.2f with %s%s "
+            "(selected on the held-out validation images) -> test_results.json",
+            args.val_split, m["count"], m["top1"], m["top5"], which,
+            f" (epoch {epoch + 1})" if epoch is not None else "",
+        )  # fmt: skip
+    return out
 
 
 def _write_report(ctx: RunContext) -> None:
