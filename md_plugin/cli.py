@@ -4,6 +4,7 @@
     md-doctor sift-low ... --out workspace/        # images worth annotating, opens in `labelme workspace/`
     md-doctor masks --annotations workspace/ --out masks/
     md-doctor report --diagnosis diagnosis.safetensors --checkpoint last.pth.tar --out report/
+    md-doctor split -c split.yaml ...                 # CNNSplitter modules (md_plugin.splitter.cli)
 
 User errors print one line and exit 2.
 """
@@ -91,6 +92,12 @@ def create_parser() -> argparse.ArgumentParser:
         help="only shapes with these labels count as foreground",
     )
     m.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser(
+        "split",
+        add_help=False,
+        help="split a strong CNN into per-class modules (CNNSplitter); md-doctor split --help",
+    )
 
     r = sub.add_parser("report", help="figures + report.html for a diagnosis (and treatment)")
     r.add_argument("--diagnosis", required=True)
@@ -284,6 +291,11 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["split"]:  # config-driven like train_md.py: its own two-stage parser
+        from .splitter.cli import split_main
+
+        return split_main(argv[1:])
     args = create_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
