@@ -83,10 +83,12 @@ class _Faulty(nn.Module):
 
 
 def _inject(monkeypatch, bad, kind: str) -> None:
+    from md_plugin.train import recipe
+
     real = classification.create_loss
-    monkeypatch.setattr(
-        classification, "create_loss", lambda *a, **k: _Faulty(real(*a, **k), bad, kind)
-    )
+    faulty = lambda *a, **k: _Faulty(real(*a, **k), bad, kind)  # noqa: E731
+    monkeypatch.setattr(classification, "create_loss", faulty)
+    monkeypatch.setattr(recipe, "create_loss", faulty)  # what the trainer calls
 
 
 def _finite(sd: dict[str, torch.Tensor]) -> bool:

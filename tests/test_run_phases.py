@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from md_plugin.losses import classification
 from md_plugin.train import report_hook
 from md_plugin.train.checkpoint import load_checkpoint_file
 from md_plugin.train.main import cli
@@ -138,7 +137,6 @@ def test_killed_during_diagnosis_the_baseline_resume_advice_finishes_the_run(
 
 def test_sigterm_during_the_baseline_then_resume_as_told(data, tmp_path, reference, monkeypatch,
                                                          capsys):  # fmt: skip
-    real = classification.create_loss
     calls = {"n": 0}
 
     class SignalAtStep2(torch.nn.Module):
@@ -152,14 +150,17 @@ def test_sigterm_during_the_baseline_then_resume_as_told(data, tmp_path, referen
                 os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption notice
             return self.inner(logits, target)
 
-    monkeypatch.setattr(classification, "create_loss", lambda *a, **k: SignalAtStep2(real(*a, **k)))
+    from md_plugin.train import recipe
+
+    real = recipe.create_loss  # the trainer builds its loss through recipe.create_train_loss
+    monkeypatch.setattr(recipe, "create_loss", lambda *a, **k: SignalAtStep2(real(*a, **k)))
     argv = _argv(data, tmp_path, "run", "--no-md-report")
     assert cli(argv) == 2
     run = tmp_path / "run"
     line = _one_error(capsys)
     assert line == f"error: interrupted: resumable checkpoint saved, continue with --resume {run}"
     assert _phase(run) == "baseline"
-    monkeypatch.setattr(classification, "create_loss", real)
+    monkeypatch.setattr(recipe, "create_loss", real)
     assert cli([*argv, "--resume", str(run)]) == 0
     assert _phase(run) == "done"
     _same_result(run, reference)
