@@ -282,7 +282,8 @@ class ModelDoctor:
             )
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             raise ConfigError(f"class-index targets must be integers, got {targets.dtype}")
-        if b and (int(targets.min()) < 0 or int(targets.max()) >= k):
+        # one host read per call (a sync on a GPU), not two: min and max reduced together
+        if b and bool(((targets < 0) | (targets >= k)).any()):
             raise ConfigError(
                 f"target labels must be in [0, {k - 1}] for {k} logits, got "
                 f"[{int(targets.min())}, {int(targets.max())}]"
