@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 
-def machine_info() -> dict:
+def machine_info(device: torch.device | None = None) -> dict:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -26,8 +26,19 @@ def machine_info() -> dict:
         pass
     import timm
 
+    gpu = None
+    if device is not None and device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        gpu = {
+            "name": p.name,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
     return {
         "cpu": cpu,
+        "gpu": gpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -36,6 +47,59 @@ def machine_info() -> dict:
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+
+
+class Precision:
+    """fp32, bf16 or fp16 training steps on one device, as the trainer runs them.
+
+    bf16: autocast only. fp16: autocast plus a ``GradScaler`` (loss scaled before backward,
+    the step skipped on overflow), and the Model Doctor cotangents scaled by the same factor
+    (``grad_scale``, PyTorch's AMP gradient-penalty recipe).
+    """
+
+    DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, name: str, device: torch.device):
+        if name not in self.DTYPES:
+            raise ValueError(f"precision must be one of {list(self.DTYPES)}, got {name!r}")
+        self.name = name
+        self.device = device
+        self.dtype = self.DTYPES[name]
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.name != "fp32")
+
+    def grad_scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backward and optimizer step (through the scaler under fp16)."""
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers what the step launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above the start (CUDA allocator or CPU profiler)."""
+    if device.type != "cuda":
+        return peak_bytes(fn)
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def interleaved(

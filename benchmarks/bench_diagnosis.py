@@ -39,7 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import md_plugin  # noqa: E402,F401  (registers resnet32_cifar)
-from benchmarks._common import interleaved, machine_info, peak_bytes, ratio_stats  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Precision,
+    device_peak_bytes,
+    interleaved,
+    machine_info,
+    ratio_stats,
+    synchronize,
+)
 from benchmarks.bench_treatment import MODEL_KWARGS, NUM_CLASSES, PRESETS  # noqa: E402
 from md_plugin.doctor import diagnose  # noqa: E402
 
@@ -65,28 +72,33 @@ def balanced_predictions(model, images: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def run_set(model, opt, batches, layers: list[str], args) -> dict:
+def run_set(model, opt, batches, layers: list[str], args, prec=None) -> dict:
     """Interleaved training passes and diagnosis passes over ``batches``; one layer set."""
     s = args.input_size
     n_images = sum(len(y) for _, y in batches)
+    dev = batches[0][0].device
+    prec = prec or Precision("fp32", dev)
 
     def train_step(x, y) -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        with prec.autocast():
+            loss = F.cross_entropy(model(x), y)
+        prec.step(loss, opt)
 
     def train_pass() -> None:
         model.train()
         for x, y in batches:
             train_step(x, y)
         opt.zero_grad(set_to_none=True)
+        synchronize(dev)
 
     def diag_pass(data=batches) -> None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), prec.autocast():
             warnings.simplefilter("ignore")  # e.g. classes without a correct image
             diagnose(
                 model, data, layers, NUM_CLASSES, per_class=args.per_class, input_size=(3, s, s)
             )
+        synchronize(dev)
 
     times = interleaved({"train": train_pass, "diagnose": diag_pass}, args.repeats, args.warmup)
     stats = ratio_stats(times, base="train")
@@ -95,11 +107,12 @@ def run_set(model, opt, batches, layers: list[str], args) -> dict:
         x0, y0 = batches[0]
         model.train()
         opt.zero_grad(set_to_none=True)
-        mem["train"] = peak_bytes(lambda: train_step(x0, y0))
+        mem["train"] = device_peak_bytes(lambda: train_step(x0, y0), dev)
         opt.zero_grad(set_to_none=True)
-        mem["diagnose"] = peak_bytes(lambda: diag_pass([(x0, y0)]))
+        mem["diagnose"] = device_peak_bytes(lambda: diag_pass([(x0, y0)]), dev)
     return {
         "layers": layers,
+        "precision": prec.name,
         "train_img_s": n_images / stats["train"]["median_s"],
         "diag_img_s": n_images / stats["diagnose"]["median_s"],
         "ratio": stats["diagnose"]["ratio"],
@@ -123,10 +136,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", default=None, help="comma list for every model (default: presets)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--amp", default="fp32", help="comma list of precisions: fp32, bf16, fp16")
     args = ap.parse_args(argv)
+    args.amp = [v for v in args.amp.split(",") if v]
+    if any(v not in Precision.DTYPES for v in args.amp):
+        ap.error(f"--amp takes {','.join(Precision.DTYPES)}, got {args.amp}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    info = machine_info()
+    info = machine_info(device)
     print("machine:", json.dumps(info))
     t_start = time.perf_counter()
     results = {}
@@ -135,27 +157,31 @@ def main(argv=None) -> int:
         model = timm.create_model(
             model_name, num_classes=NUM_CLASSES, **MODEL_KWARGS.get(model_name, {})
         )
+        model.to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         gen = torch.Generator().manual_seed(args.seed)
-        images = torch.randn(args.images, 3, s, s, generator=gen)
+        images = torch.randn(args.images, 3, s, s, generator=gen).to(device)
         labels = balanced_predictions(model, images)
         print(f"  {model_name}: labels per class {torch.bincount(labels, minlength=10).tolist()}")
         batches = [
             (images[i : i + args.batch_size], labels[i : i + args.batch_size])
             for i in range(0, args.images, args.batch_size)
         ]
-        preset = PRESETS.get(model_name, ["last_conv"])
+        preset = args.layers.split(",") if args.layers else PRESETS.get(model_name, ["last_conv"])
         layer_sets = {"last conv": [preset[0]], "3 stages": preset}
+        if len(preset) == 1:
+            layer_sets = {"layers": preset}
         rows = []
-        for set_name, layers in layer_sets.items():
-            row = run_set(model, opt, batches, layers, args)
-            row["met"] = row["ratio"] <= 1.0
-            rows.append((set_name, row))
-            print(
-                f"  {model_name} {set_name}: diagnose/train {row['ratio']:.2f}x "
-                f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
-                flush=True,
-            )
+        for prec_name in args.amp:
+            for set_name, layers in layer_sets.items():
+                row = run_set(model, opt, batches, layers, args, Precision(prec_name, device))
+                row["met"] = row["ratio"] <= 1.0
+                rows.append((f"{prec_name} {set_name}", row))
+                print(
+                    f"  {model_name} {prec_name} {set_name}: diagnose/train {row['ratio']:.2f}x "
+                    f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
+                    flush=True,
+                )
         print(
             f"\n== {model_name}: {args.images} images, batch {args.batch_size}, "
             f"{args.repeats} passes each =="
@@ -178,7 +204,7 @@ def main(argv=None) -> int:
     print(
         "\ndiag/train: median over passes of (diagnosis pass time / training pass time over the "
         "same images, adjacent in time), (min-max) over passes; peak mem: one batch, bytes "
-        "through the CPU allocator"
+        "through the allocator"
     )
     summary = {
         "bench": "diagnosis",

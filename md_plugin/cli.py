@@ -4,6 +4,7 @@
     md-doctor sift-low ... --out workspace/        # images worth annotating, opens in `labelme workspace/`
     md-doctor masks --annotations workspace/ --out masks/
     md-doctor report --diagnosis diagnosis.safetensors --checkpoint last.pth.tar --out report/
+    md-doctor patch -c patch.yaml                    # CNNSplitter: patch a weak model's class
 
 User errors print one line and exit 2.
 """
@@ -91,6 +92,13 @@ def create_parser() -> argparse.ArgumentParser:
         help="only shapes with these labels count as foreground",
     )
     m.add_argument("--overwrite", action="store_true")
+
+    pt = sub.add_parser(
+        "patch",
+        add_help=False,
+        help="patch a weak model's target class with a CNNSplitter module (md-doctor patch -h)",
+    )
+    pt.set_defaults(patch_args=[])  # everything after `patch` goes to its own parser
 
     r = sub.add_parser("report", help="figures + report.html for a diagnosis (and treatment)")
     r.add_argument("--diagnosis", required=True)
@@ -275,7 +283,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def cmd_patch(args: argparse.Namespace) -> None:
+    from .splitter.patch_cli import main as patch_main
+
+    patch_main(args.patch_args)
+
+
 _COMMANDS = {
+    "patch": cmd_patch,
     "diagnose": cmd_diagnose,
     "sift-low": cmd_sift_low,
     "masks": cmd_masks,
@@ -284,7 +299,12 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = create_parser().parse_args(argv)
+    parser = create_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "patch":  # config-driven like train_md.py: its own two-stage parser
+        args.patch_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

@@ -8,7 +8,9 @@ Run by the test as::
 Each rank diagnoses its own shard of a small image set (``shard_dataset``: every image on exactly
 one rank), checks that all ranks hold the same diagnosis, then runs ``STEPS`` Model Doctor
 treatment steps under DDP, each rank on its own shard of the global batch, and rank 0 saves the
-diagnosis and the final parameters. :func:`reference_run` does the same in one process: one
+diagnosis and the final parameters; then the same treatment again from the initial weights with
+lazy regularisation (``ModelDoctor(every=EVERY)``, decided from the step index on each rank
+without communication). :func:`reference_run` does the same in one process: one
 diagnosis over all images, and per step the loss ``sum over shards of (CE + MD) / WORLD``, whose
 gradient is what DDP's gradient averaging computes. The model has no BatchNorm, so no
 statistic couples the samples and the two runs agree to rounding error.
@@ -38,6 +40,7 @@ SHARD_BATCH = 3
 STEPS = 3
 ALPHA = 0.5
 LR = 0.1
+EVERY = 2  # the lazy run: the terms on steps 0 and 2 (weight 2), none on step 1
 
 
 class TinyNet(nn.Module):
@@ -92,11 +95,15 @@ def _diagnose(model, dataset, accelerator=None, world=1, rank=0):
     )  # fmt: skip
 
 
-def reference_run():
-    """Single process: (diagnosis, final state_dict) over the same global batches."""
+def reference_run(every: int = 1):
+    """Single process: (diagnosis, final state_dict) over the same global batches.
+
+    With ``every > 1`` the Model Doctor term is written out by hand: ``every * alpha`` on the
+    steps ``step % every == 0``, nothing on the others.
+    """
     model = make_model()
     diag = _diagnose(model, diag_dataset(model))
-    doctor = ModelDoctor(model, diag, alpha=ALPHA, input_size=INPUT_SIZE)
+    doctor = ModelDoctor(model, diag, alpha=ALPHA * every, input_size=INPUT_SIZE)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         total = torch.zeros(())
@@ -104,6 +111,8 @@ def reference_run():
             x, y = shard_batch(step, rank)
             logits = model(x)
             md, _ = doctor.loss(logits, y)
+            if step % every:
+                md = torch.zeros(())
             total = total + F.cross_entropy(logits, y) + md
         (total / WORLD).backward()
         opt.step()
@@ -131,26 +140,32 @@ def worker(out_dir: Path) -> None:
         assert _same_on_all_ranks(acc, ld.scores), f"scores of {name} differ between ranks"
     assert _same_on_all_ranks(acc, diag.counts), "image counts differ between ranks"
 
-    doctor = ModelDoctor(model, diag, alpha=ALPHA, input_size=INPUT_SIZE)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    ddp_model, opt = acc.prepare(model, opt)
-    for step in range(STEPS):
-        x, y = shard_batch(step, acc.process_index)
-        logits = ddp_model(x.to(acc.device))
-        md, _ = doctor.loss(logits, y.to(acc.device))
-        acc.backward(F.cross_entropy(logits, y.to(acc.device)) + md)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(ddp_model).parameters()])
-    assert _same_on_all_ranks(acc, flat), "parameters differ between ranks after treatment"
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        diag.save(out_dir / "diagnosis.safetensors")
-        sd = acc.unwrap_model(ddp_model).state_dict()
-        torch.save({k: v.detach().cpu() for k, v in sd.items()}, out_dir / "params.pt")
-        (out_dir / "distributed_type.txt").write_text(str(acc.distributed_type))
-    acc.wait_for_everyone()
-    doctor.remove()
+    for every, fname in ((1, "params.pt"), (EVERY, f"params_every{EVERY}.pt")):
+        if every > 1:
+            model = make_model()
+        doctor = ModelDoctor(model, diag, alpha=ALPHA, input_size=INPUT_SIZE, every=every)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        ddp_model, opt = acc.prepare(model, opt)
+        for step in range(STEPS):
+            x, y = shard_batch(step, acc.process_index)
+            due = doctor.begin_step(step) if every > 1 else True
+            logits = ddp_model(x.to(acc.device))
+            loss = F.cross_entropy(logits, y.to(acc.device))
+            if due:
+                loss = loss + doctor.loss(logits, y.to(acc.device))[0]
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(ddp_model).parameters()])
+        assert _same_on_all_ranks(acc, flat), "parameters differ between ranks after treatment"
+        if acc.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            diag.save(out_dir / "diagnosis.safetensors")
+            sd = acc.unwrap_model(ddp_model).state_dict()
+            torch.save({k: v.detach().cpu() for k, v in sd.items()}, out_dir / fname)
+            (out_dir / "distributed_type.txt").write_text(str(acc.distributed_type))
+        acc.wait_for_everyone()
+        doctor.remove()
     acc.end_training()
 
 

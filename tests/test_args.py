@@ -51,14 +51,18 @@ def test_bad_yaml_value_is_an_error(tmp_path):
 
 
 def test_md_block_maps_to_md_flags(tmp_path):
-    cfg = _yaml(tmp_path, "md:\n  alpha: 0.5\n  layers: layer3.*.conv2\n  per_class: 10\n")
+    cfg = _yaml(
+        tmp_path, "md:\n  alpha: 0.5\n  layers: layer3.*.conv2\n  per_class: 10\n  every: 4\n"
+    )
     a = parse_args(["-c", cfg])
     assert (
         a.md is True
         and a.md_alpha == 0.5
         and a.md_layers == "layer3.*.conv2"
         and a.md_per_class == 10
+        and a.md_every == 4
     )
+    assert parse_args([]).md_every == 1  # default: every step
     off = parse_args(["-c", _yaml(tmp_path, "md:\n  enabled: false\n  alpha: 0.5\n")])
     assert off.md is False and off.md_alpha == 0.5
 
@@ -96,6 +100,7 @@ def test_unsupported_timm_flag_errors_but_default_value_is_accepted(tmp_path):
         (["--md-alpha", "-1"], "--md-alpha must be >= 0"),
         (["--md-theta", "1.5"], r"--md-theta must be in \[0, 1\]"),
         (["--md-per-class", "0"], "--md-per-class must be >= 1"),
+        (["--md-every", "0"], "--md-every must be >= 1, got 0"),
         (["--md-layers", " , "], "--md-layers is empty"),
         (["--imb-ratio", "1"], "--imb-ratio must be > 1"),
         (["--md", "--md-beta", "1"], "needs --md-masks"),

@@ -75,6 +75,16 @@ def test_two_process_diagnosis_and_treatment_match_single_process(tmp_path):
     for k, v in ref_params.items():
         torch.testing.assert_close(mp_params[k], v, rtol=0, atol=1e-5, msg=k)
 
+    # lazy regularisation under DDP: each rank decides from the step index alone, the ranks
+    # stay in lock step (the worker asserts equal parameters) and match the hand-written
+    # single-process reference (weight EVERY * alpha on steps 0 and 2, no term on step 1)
+    _, lazy_ref = mp_worker.reference_run(every=mp_worker.EVERY)
+    lazy_mp = torch.load(tmp_path / f"params_every{mp_worker.EVERY}.pt", weights_only=True)
+    differs = max((lazy_ref[k] - ref_params[k]).abs().max().item() for k in init)
+    assert differs > 1e-4, "lazy and per-step treatment gave the same weights: vacuous"
+    for k, v in lazy_ref.items():
+        torch.testing.assert_close(lazy_mp[k], v, rtol=0, atol=1e-5, msg=k)
+
 
 def test_train_md_two_processes_end_to_end(tmp_path):
     """train_md.py --md under `accelerate launch` (2 CPU processes): one run, one summary."""

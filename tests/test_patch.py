@@ -137,3 +137,199 @@ def test_out_of_range_classes_at_forward():
         PatchedModel(Lookup(WEAK), Lookup(MODULE), 3, 1, RANGE)(_ids())
     with pytest.raises(ConfigError, match="module class 2 is out of range"):
         PatchedModel(Lookup(WEAK), Lookup(MODULE), -1, 2, RANGE)(_ids())
+
+
+# ---- md-doctor patch ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def patch_setup(cifar10_root, tmp_path_factory):
+    """Untrained weak (6 classes) and strong (5 classes) checkpoints, maps and a strong run file."""
+    import timm
+    import yaml
+
+    import md_plugin  # noqa: F401
+
+    d = tmp_path_factory.mktemp("patch")
+    torch.manual_seed(0)
+    weak = timm.create_model("simcnn_weak", num_classes=6)
+    strong = timm.create_model("resnet20_cifar", num_classes=5)
+    torch.save({"state_dict": weak.state_dict()}, d / "weak.pth.tar")
+    torch.save({"state_dict": strong.state_dict()}, d / "strong.pth.tar")
+    (d / "weak.txt").write_text("dog\nfrog\nhorse\nship\ntruck\nbird\n")
+    (d / "strong.txt").write_text("0\n1\n2\n3\n4\n")
+    run = dict(dataset="torch/cifar10", data_dir=str(cifar10_root), class_map=str(d / "strong.txt"),
+               val_from_train=0.25, data_seed=0)  # fmt: skip
+    (d / "args.yaml").write_text(yaml.safe_dump(run))
+    argv = ["--weak-model", "simcnn_weak", "--weak-checkpoint", str(d / "weak.pth.tar"),
+            "--strong-model", "resnet20_cifar", "--strong-checkpoint", str(d / "strong.pth.tar"),
+            "--whole-strong", "--range-data", str(d / "args.yaml"), "--module-class", "2",
+            "--dataset", "torch/cifar10", "--data-dir", str(cifar10_root), "--class-map",
+            str(d / "weak.txt"), "-b", "16"]  # fmt: skip
+    return d, argv, weak.eval(), strong.eval()
+
+
+def test_md_doctor_patch_whole_strong_by_recomputation(patch_setup, cifar10_root, capsys):
+    """The command's numbers equal a direct recomputation; the saved model reloads exactly."""
+    from md_plugin.cli import main as doctor_main
+    from md_plugin.data.class_map import apply_class_map
+    from md_plugin.data.datasets import create_dataset, create_datasets
+    from md_plugin.data.transforms import create_eval_transform
+    from md_plugin.splitter.patch_cli import load_patched
+
+    d, argv, weak, strong = patch_setup
+    out = argv + ["--results", str(d / "r.json"), "--out", str(d / "patched.pth.tar")]
+    assert doctor_main(["patch"] + out) == 0
+    text = capsys.readouterr().out
+    assert "TC precision (%)" in text and "non-TC accuracy (%)" in text
+    res = __import__("json").loads((d / "r.json").read_text())
+    tf = create_eval_transform(dict(input_size=(3, 32, 32), mean=strong.pretrained_cfg["mean"],
+                                    std=strong.pretrained_cfg["std"], crop_pct=1.0))  # fmt: skip
+    # range: the whole strong model's class-2 logit over the held-out class-2 training images
+    held = create_datasets("torch/cifar10", cifar10_root, class_map=d / "strong.txt",
+                           val_from_train=0.25).val  # fmt: skip
+    xs = torch.stack([tf(held[i][0]) for i in range(len(held)) if held[i][1] == 2])
+    with torch.no_grad():
+        z = strong(xs)[:, 2]
+    lo, hi = float(z.min()), float(z.max())
+    assert res["patch"]["value_range"] == pytest.approx([lo, hi], rel=1e-5)
+    # test split: weak classes (bird -> 5); before = weak argmax, after = the rule
+    ds = apply_class_map(
+        create_dataset("torch/cifar10", cifar10_root, "validation"), d / "weak.txt"
+    )
+    x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        p = torch.softmax(weak(x), 1)
+        m = (strong(x)[:, 2].double() - lo) / (hi - lo)
+    after = p.clone()
+    after[:, 5] = m.float()
+    assert res["before"] == tc_metrics(p.argmax(1), y, 5)
+    exp = tc_metrics(after.argmax(1), y, 5)
+    assert all(res["after"][k] == pytest.approx(exp[k]) for k in exp)
+    # the saved patched model rebuilds from its file alone and gives the same scores
+    reloaded = load_patched(d / "patched.pth.tar")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), after, rtol=1e-5, atol=1e-6)
+    # nothing is overwritten
+    assert doctor_main(["patch"] + out) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_md_doctor_patch_config_file(patch_setup, tmp_path, capsys):
+    """YAML keys are the flags' dest names; the command line wins."""
+    import yaml
+
+    from md_plugin.cli import main as doctor_main
+
+    d, argv, _, _ = patch_setup
+    flags = dict(zip(argv[::2], argv[1::2]))  # argv pairs up until --whole-strong
+    cfg = dict(
+        weak_model="simcnn_weak", weak_checkpoint=str(d / "weak.pth.tar"),
+        strong_model="resnet20_cifar", strong_checkpoint=str(d / "strong.pth.tar"),
+        whole_strong=True, range_data=str(d / "args.yaml"), module_class=2,
+        dataset="torch/cifar10", data_dir=argv[argv.index("--data-dir") + 1],
+        class_map=str(d / "weak.txt"), batch_size=7,
+    )  # fmt: skip
+    assert flags["--weak-model"] == cfg["weak_model"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert doctor_main(["patch", "-c", str(tmp_path / "p.yaml"), "--results",
+                        str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert (tmp_path / "r.json").is_file()
+    (tmp_path / "bad.yaml").write_text("weak_modle: simcnn_weak\n")
+    assert doctor_main(["patch", "-c", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "did you mean 'weak_model'" in err[-1]
+
+
+@pytest.mark.parametrize(
+    "change, msg",
+    [
+        ({"--module-class": "7"}, "--module-class 7 is out of range"),
+        ({"--target-class": "6"}, "--target-class 6 is out of range"),
+        ({"--range-data": "/nonexistent.yaml"}, "--range-data: file not found"),
+        ({"--weak-checkpoint": "/nonexistent.pth"}, "not found"),
+        ({"--strong-model": "resnet33_cifar"}, "unknown model"),
+        ({"--whole-strong": None}, "exactly one of --modules FILE and --whole-strong"),
+    ],
+)
+def test_md_doctor_patch_errors_are_one_line(patch_setup, capsys, change, msg):
+    from md_plugin.cli import main as doctor_main
+
+    _, argv, _, _ = patch_setup
+    argv = list(argv)
+    for k, v in change.items():
+        if k not in argv:
+            argv += [k, v]
+            continue
+        i = argv.index(k)
+        if v is None:
+            del argv[i]
+        else:
+            argv[i + 1] = v
+    assert doctor_main(["patch"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_md_doctor_patch_with_a_modules_file(patch_setup, cifar10_root, tmp_path, capsys):
+    """--modules: the module and range come from the artifact; the saved model reloads exactly;
+    a modules file of another model is refused in one line."""
+    import json
+
+    import timm
+
+    from md_plugin.cli import main as doctor_main
+    from md_plugin.data.class_map import apply_class_map
+    from md_plugin.data.datasets import create_dataset
+    from md_plugin.data.transforms import create_eval_transform
+    from md_plugin.splitter import SplitModules, create_split_graph, create_split_modules
+    from md_plugin.splitter.patch_cli import load_patched
+
+    d, argv, weak, strong = patch_setup
+    tf = create_eval_transform(dict(input_size=(3, 32, 32), mean=strong.pretrained_cfg["mean"],
+                                    std=strong.pretrained_cfg["std"], crop_pct=1.0))  # fmt: skip
+    sg = create_split_graph(strong, (3, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    masks = [[torch.rand(c, generator=g) < 0.6 for c in sg.num_channels] for _ in range(5)]
+    mods = create_split_modules(strong, sg, list(range(5)), masks)
+    held = create_dataset("torch/cifar10", cifar10_root, "train")
+    x_h = torch.stack([tf(held[i][0]) for i in range(0, 200, 2)])
+    y_h = torch.tensor([held[i][1] for i in range(0, 200, 2)])
+    keep = y_h < 5
+    mods.measure([(x_h[keep], y_h[keep])])
+    mods.save(d / "mods.safetensors")
+    i = argv.index("--whole-strong")
+    args = argv[:i] + argv[i + 3 :] + ["--modules", str(d / "mods.safetensors"),
+                                       "--results", str(tmp_path / "r.json"),
+                                       "--out", str(tmp_path / "p.pth.tar")]  # fmt: skip
+    assert doctor_main(["patch"] + args) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "r.json").read_text())
+    lo, hi = mods.range(2)
+    assert res["patch"]["value_range"] == pytest.approx([lo, hi])
+    assert res["patch"]["module_kind"] == "masked"
+    ds = apply_class_map(
+        create_dataset("torch/cifar10", cifar10_root, "validation"), d / "weak.txt"
+    )
+    x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        after = torch.softmax(weak(x), 1)
+        after[:, 5] = ((mods.module(2)(x)[:, 2].double() - lo) / (hi - lo)).float()
+    exp = tc_metrics(after.argmax(1), y, 5)
+    assert all(res["after"][k] == pytest.approx(exp[k]) for k in exp)
+    with torch.no_grad():
+        torch.testing.assert_close(load_patched(tmp_path / "p.pth.tar")(x), after,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    # modules of another model
+    other = timm.create_model("resnet32_cifar", num_classes=5).eval()
+    sg2 = create_split_graph(other, (3, 32, 32))
+    m2 = create_split_modules(other, sg2, [0, 1], [[torch.ones(c, dtype=torch.bool)
+                                                    for c in sg2.num_channels]] * 2)  # fmt: skip
+    m2.save(tmp_path / "other.safetensors")
+    assert isinstance(SplitModules.load(tmp_path / "other.safetensors"), SplitModules)
+    bad = args[: args.index("--results")]
+    bad[bad.index("--modules") + 1] = str(tmp_path / "other.safetensors")
+    assert doctor_main(["patch"] + bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split from another model" in err[0]

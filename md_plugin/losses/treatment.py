@@ -47,6 +47,12 @@ Gradients for every layer come from one ``autograd.grad`` call per class term (t
 and the spatial term reuses G(y). ``batched=True`` gets both class terms from a single vmapped
 call (``is_grads_batched``); on CPU it measured slower than two plain calls
 (``benchmarks/bench_treatment.py``), so it is off by default.
+
+Lazy regularisation (``every=k``, as StyleGAN2 does for its R1 penalty): the terms are computed
+only on every k-th optimizer step, with alpha and beta multiplied by k, so the penalty's average
+weight per step is unchanged while the average step costs about ``1 + (r - 1) / k`` plain steps
+(r: the cost ratio of a penalised step). Call :meth:`ModelDoctor.begin_step` with the optimizer
+step index before each forward pass; ``every=1`` (the default) is exactly the per-step loss.
 """
 
 from __future__ import annotations
@@ -115,9 +121,12 @@ class ModelDoctor:
         input_size: Sequence[int] | None = None,
         loss_kind: str = "official",
         monitor: bool = False,
+        every: int = 1,
     ):
         if alpha < 0 or beta < 0:
             raise ConfigError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
         if grad_mode not in ("relu", "abs"):
             raise ConfigError(f"grad mode must be relu or abs, got {grad_mode!r}")
         if loss_kind not in MD_LOSSES:
@@ -137,6 +146,8 @@ class ModelDoctor:
         self.batched = batched
         self.loss_kind = loss_kind
         self.monitor = bool(monitor)
+        self.every = every
+        self._due: bool | None = None  # set by begin_step; None: never called
         self.layers: list[LayerRef] = resolve_layers(model, diagnosis.layer_names, input_size)
         diagnosis.check_compatible(model, self.layers, num_classes or diagnosis.num_classes)
         p = next(model.parameters())
@@ -162,6 +173,24 @@ class ModelDoctor:
     def remove(self) -> None:
         self.capture.remove()
 
+    def is_due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) carries the penalty: ``step % every == 0``."""
+        return step % self.every == 0
+
+    def begin_step(self, step: int) -> bool:
+        """Declare the optimizer step the next forward pass belongs to; returns :meth:`is_due`.
+
+        Call it before the forward of every micro-batch with the index of the optimizer step
+        (not of the micro-batch), derived from a counter every rank shares and a checkpoint
+        restores (e.g. the number of updates so far): all micro-batches of a step, all DDP ranks
+        and a resumed run then make the same decision, without communication. On a step that is
+        not due the feature hooks stay idle and :meth:`loss` returns zeros; on a due step it
+        returns the terms with alpha and beta multiplied by ``every``.
+        """
+        self._due = self.is_due(int(step))
+        self.capture.enabled = self._due
+        return self._due
+
     def loss(
         self,
         logits: torch.Tensor,
@@ -175,11 +204,24 @@ class ModelDoctor:
         ``fg_masks`` [B, 1, h, w] (1 = object) and ``has_mask`` [B] bool enable the spatial term.
         ``grad_scale`` is the fp16 loss scale: the cotangents are scaled before ``autograd.grad``
         and the gradients unscaled after, as in PyTorch's AMP gradient-penalty recipe.
+        With ``every > 1`` the weights are ``every * alpha`` and ``every * beta`` on the steps
+        :meth:`begin_step` found due, and the loss is zero on the others; ``parts`` are the
+        unweighted terms either way.
         """
         # reduce in fp32 at least (bf16/fp16 features), in fp64 when the model is fp64
         self._acc_dtype = torch.promote_types(logits.dtype, torch.float32)
         zero = logits.new_zeros((), dtype=self._acc_dtype)
         parts = {"md_channel": zero.detach(), "md_spatial": zero.detach()}
+        if self.every > 1:
+            if self._due is None:
+                raise ConfigError(
+                    f"ModelDoctor(every={self.every}) needs the optimizer step: call "
+                    "md.begin_step(step) before each forward pass"
+                )
+            if not self._due:
+                self.capture.clear()
+                return zero, parts
+        alpha, beta = self.alpha * self.every, self.beta * self.every
         feats = self.capture.features()
         self.capture.clear()
         use_spatial = (
@@ -236,7 +278,7 @@ class ModelDoctor:
                 parts["md_irr_mass"] = irr_mass.detach()
                 parts["md_irr_share"] = irr_share.detach() / len(self.masks)
             if train_channel:
-                total = total + self.alpha * ch
+                total = total + alpha * ch
         if use_spatial:
             sp = zero
             hm = has_mask.to(logits.device, self._acc_dtype)
@@ -247,7 +289,7 @@ class ModelDoctor:
                 per_s = (bg * g.to(self._acc_dtype).abs() * inv).flatten(1).sum(1)
                 sp = sp + (per_s * hm).sum() / b
             parts["md_spatial"] = sp.detach()
-            total = total + self.beta * sp
+            total = total + beta * sp
         return total, parts
 
     def _reduce(self, g: torch.Tensor, inv: float) -> torch.Tensor:

@@ -67,7 +67,8 @@ class PatchedModel(nn.Module):
         if module_class < 0:
             raise ConfigError(f"module_class must be >= 0, got {module_class}")
         self.weak = weak
-        self.module = module
+        # not "module": checkpoint loaders strip a "module." (DDP) prefix from state-dict keys
+        self.tc_module = module
         self.target_class = int(target_class)
         self.module_class = int(module_class)
         self.register_buffer("value_range", torch.tensor([lo, hi], dtype=torch.float64))
@@ -82,7 +83,7 @@ class PatchedModel(nn.Module):
 
     def module_score(self, x: torch.Tensor) -> torch.Tensor:
         """``m'``: the module's own-class logit, min-max normalised with the stored range, [B]."""
-        z = self.module(x)
+        z = self.tc_module(x)
         if z.dim() != 2 or not -z.shape[1] <= self.module_class < z.shape[1]:
             raise ConfigError(
                 f"module class {self.module_class} is out of range for a module with "

@@ -44,13 +44,23 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see train_md.py --help)")
 
 
+def _count_or_fraction(v: str) -> int | float | None:
+    from ..data.split import parse_count_or_fraction
+
+    if str(v).lower() in ("none", "null", ""):
+        return None
+    try:
+        return parse_count_or_fraction(v)
+    except ConfigError as e:  # argparse then names the flag
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _float_or_none(v: str) -> float | None:
     return None if str(v).lower() in ("none", "null", "") else float(v)
 
 
 # timm train.py flags we accept only at their default value: dest -> (flag, default, kwargs)
 UNSUPPORTED: dict[str, tuple[str, Any, dict[str, Any]]] = {
-    "class_map": ("--class-map", "", {}),
     "aa": ("--aa", None, {}),
     "aug_repeats": ("--aug-repeats", 0.0, {"type": float}),
     "aug_splits": ("--aug-splits", 0, {"type": int}),
@@ -119,6 +129,35 @@ def create_parser() -> argparse.ArgumentParser:
         help="long-tailed CIFAR imbalance ratio n_max/n_min (> 1)",
     )
     g.add_argument("--imb-type", default="exp", choices=["exp", "step"])
+    g.add_argument(
+        "--class-map",
+        default="",
+        metavar="FILE",
+        help="timm class map: .txt (one class name or source index per line; line = new index) "
+        "or a .pkl/.yaml/.json dict; unlisted classes are dropped (both splits)",
+    )
+    g.add_argument(
+        "--class-cap",
+        nargs="+",
+        default=None,
+        metavar="N|CLASS=N",
+        help="at most N training images per class (after --class-map), drawn with --data-seed; "
+        "CLASS=N caps one class (e.g. 5=500)",
+    )
+    g.add_argument(
+        "--val-from-train",
+        type=_count_or_fraction,
+        default=None,
+        metavar="N",
+        help="hold out N training images (or a fraction < 1), stratified, seeded by --data-seed: "
+        "they select the best epoch; --val-split becomes the test set, evaluated once at the end",
+    )
+    g.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of --class-cap and --val-from-train (independent of --seed)",
+    )
     g.add_argument(
         "--imb-seed", type=int, default=0, help="seed of the long-tailed subset (LDAM-DRW uses 0)"
     )
@@ -274,6 +313,13 @@ def create_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--md-beta", type=float, default=0.0, help="spatial loss weight (needs --md-masks)"
+    )
+    g.add_argument(
+        "--md-every",
+        type=int,
+        default=1,
+        help="lazy regularisation: compute the Model Doctor terms only on every k-th optimizer "
+        "step, weighted by k (1 = every step)",
     )
     g.add_argument("--md-grad-mode", default="relu", choices=["relu", "abs"])
     g.add_argument("--md-mask-rule", default="theta", choices=["theta", "mean", "topk"])
@@ -440,7 +486,7 @@ def _convert(action: argparse.Action, key: str, value: Any, src: str) -> Any:
                 raise ValueError("at least one value is expected")
             return [one(v) for v in items]
         return one(value)
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f"{src}: key {key!r} has a bad value {value!r} ({e})") from None
 
 
@@ -570,6 +616,7 @@ def _validate(args: argparse.Namespace) -> None:
         (args.grad_accum_steps >= 1, "--grad-accum-steps must be >= 1"),
         (0 <= args.md_alpha < math.inf, f"--md-alpha must be >= 0, got {args.md_alpha}"),
         (0 <= args.md_beta < math.inf, f"--md-beta must be >= 0, got {args.md_beta}"),
+        (args.md_every >= 1, f"--md-every must be >= 1, got {args.md_every}"),
         (0.0 <= args.md_theta <= 1.0, f"--md-theta must be in [0, 1], got {args.md_theta}"),
         (args.md_per_class >= 1, f"--md-per-class must be >= 1, got {args.md_per_class}"),
         (0.0 <= args.md_min_confidence <= 1.0, "--md-min-confidence must be in [0, 1]"),
@@ -596,6 +643,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--md-loss {args.md_loss} is the true-class term: it cannot be combined with "
             "--md-no-true-term"
+        )
+    if args.md_masks and (args.class_map or args.class_cap or args.val_from_train):
+        raise ConfigError(
+            "--md-masks are keyed by position in the full training split; they cannot be combined "
+            "with --class-map, --class-cap or --val-from-train yet"
         )
     if args.md and args.md_beta > 0 and not args.md_masks:
         raise ConfigError(

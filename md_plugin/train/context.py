@@ -59,7 +59,9 @@ class RunContext:
 
     # build_data: untransformed datasets, labels, the output folder's path (not yet created)
     train_base: Any = None
-    val_base: Any = None
+    val_base: Any = None  # selects the best epoch: --val-split, or the --val-from-train hold-out
+    test_base: Any = None  # with --val-from-train: the --val-split, evaluated once at the end
+    data_info: dict[str, Any] = field(default_factory=dict)  # class map, caps, hold-out
     targets: list[int] = field(default_factory=list)
     num_classes: int = 0
     counts: list[int] = field(default_factory=list)  # training images per class

@@ -3,7 +3,9 @@
 The Model Doctor terms join the classification loss before the single ``accelerator.backward``
 (the DDP-safe pattern: out-of-place ``autograd.grad(create_graph=True)`` on hooked features, then
 one backward). Non-finite losses or gradients skip the step on every rank; too many in a row
-abort with the likely causes named.
+abort with the likely causes named. With ``--md-every k`` the terms join only on optimizer steps
+where ``num_updates % k == 0`` (lazy regularisation, see ``ModelDoctor.begin_step``): the
+counter is the same on every rank and for every micro-batch of a step, and restored on resume.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..errors import MDError
 from ..metrics import confusion_matrix, per_class_accuracy
 
 __all__ = [
+    "RunningSums",
     "TrainState",
     "train_one_epoch",
     "evaluate",
@@ -66,6 +69,33 @@ def _all_finite(accelerator, value: torch.Tensor) -> bool:
             / accelerator.num_processes
         )
     return bool(flag.item() == 1.0)
+
+
+class RunningSums:
+    """Sample-weighted sums of the logged loss terms, accumulated on the loss's device.
+
+    Reading a loss with ``.item()`` every step is a host synchronisation on a GPU; these sums stay
+    on the device (float64) and are read once, at an interruption or the end of the epoch. The
+    float64 multiply-and-add per step is the one Python floats did, in the same order, so the
+    totals are identical to per-step reads.
+    """
+
+    def __init__(self, init: dict[str, float]):
+        self.keys = list(init)
+        self._init = [float(init[k]) for k in self.keys]
+        self._t: torch.Tensor | None = None
+
+    def add(self, weight: int, values: dict[str, torch.Tensor]) -> None:
+        ref = next(iter(values.values()))
+        zero = torch.zeros((), dtype=torch.float64, device=ref.device)
+        v = torch.stack([values[k].detach().double() if k in values else zero for k in self.keys])
+        if self._t is None:
+            self._t = torch.tensor(self._init, dtype=torch.float64, device=ref.device)
+        self._t += v * weight
+
+    def read(self) -> dict[str, float]:
+        vals = self._t.tolist() if self._t is not None else self._init
+        return dict(zip(self.keys, vals))
 
 
 def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -168,11 +198,14 @@ def train_one_epoch(
         "md_irr_share": 0.0,
     }
     n_seen = 0
+    n_md = 0  # samples of the steps that computed the Model Doctor terms (all, unless --md-every)
     skipped_epoch = 0
     if partial:
         sums.update(partial.get("sums", {}))
         n_seen = int(partial.get("n_seen", 0))
+        n_md = int(partial.get("n_md", n_seen))
         skipped_epoch = int(partial.get("skipped", 0))
+    running = RunningSums(sums)
     n_batches = len(loader)
     scaler = getattr(accelerator, "scaler", None)
     show = accelerator.is_main_process and not args.no_progress and sys.stderr.isatty()
@@ -192,12 +225,14 @@ def train_one_epoch(
         with torch.no_grad():
             for saved, b in zip(stats_before, stats):
                 saved.copy_(b)
+        # decided per optimizer step from the shared update counter (lazy regularisation)
+        md_due = doctor is not None and doctor.computes and doctor.begin_step(state.num_updates)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(x)
                 ce = criterion(logits, y)
                 loss = ce
-                if doctor is not None and doctor.computes:  # training on it, or --md-monitor
+                if md_due:  # training on it, or --md-monitor; every k-th step with --md-every
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
                     md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
                     loss = ce + md_loss
@@ -243,14 +278,9 @@ def train_one_epoch(
             bs = y.shape[0]
             n_seen += bs
             n_new += bs
-            sums["loss"] += loss.item() * bs
-            sums["ce"] += ce.item() * bs
             if parts is not None:
-                sums["md_channel"] += float(parts["md_channel"]) * bs
-                sums["md_spatial"] += float(parts["md_spatial"]) * bs
-                for key in ("md_irr_mass", "md_irr_share"):
-                    if key in parts:
-                        sums[key] += float(parts[key]) * bs
+                n_md += bs
+            running.add(bs, {"loss": loss, "ce": ce, **(parts or {})})
             if (
                 accelerator.is_main_process
                 and args.log_interval
@@ -271,15 +301,19 @@ def train_one_epoch(
             state.extra["interrupted"] = True
             state.extra["interrupted_step"] = step + 1
             state.extra["partial"] = {
-                "sums": dict(sums),
+                "sums": running.read(),
                 "n_seen": n_seen,
+                "n_md": n_md,
                 "skipped": skipped_epoch,
                 "rng": get_rng_state(),
             }
             break
     dt = time.perf_counter() - t0
     n = max(n_seen, 1)
-    out = {k: v / n for k, v in sums.items()}
+    # the MD terms are averaged over the steps that computed them (unweighted, so comparable
+    # across --md-every); with --md-every 1 that is every step, n_md == n_seen
+    sums = running.read()
+    out = {k: v / (max(n_md, 1) if k.startswith("md_") else n) for k, v in sums.items()}
     out["img_per_s"] = n_new * accelerator.num_processes / max(dt, 1e-9)
     out["skipped_steps"] = skipped_epoch
     return out

@@ -230,15 +230,20 @@ def create_context(args: argparse.Namespace, nested: bool = False) -> RunContext
 
 def build_data(ctx: RunContext) -> None:
     """The untransformed datasets, class counts and names; checks that need only the data."""
-    from ..data.datasets import create_dataset, get_class_names, get_targets
+    from ..data.datasets import create_datasets, get_class_names, get_targets
 
     args = ctx.args
     ds_kw = dict(
         download=args.dataset_download, imb_ratio=args.imb_ratio, imb_type=args.imb_type,
         imb_seed=args.imb_seed, input_size=(args.input_size[-1] if args.input_size else (args.img_size or 32)),
     )  # fmt: skip
-    ctx.train_base = create_dataset(args.dataset, args.data_dir, args.train_split, **ds_kw)
-    ctx.val_base = create_dataset(args.dataset, args.data_dir, args.val_split, **ds_kw)
+    splits = create_datasets(
+        args.dataset, args.data_dir, args.train_split, args.val_split,
+        class_map=args.class_map, class_cap=args.class_cap, val_from_train=args.val_from_train,
+        data_seed=args.data_seed, **ds_kw,
+    )  # fmt: skip
+    ctx.train_base, ctx.val_base, ctx.test_base = splits.train, splits.val, splits.test
+    ctx.data_info = splits.info
     ctx.targets = targets = get_targets(ctx.train_base)
     ctx.num_classes = args.num_classes or (max(targets) + 1 if targets else 0)
     if len(ctx.train_base) == 0:
@@ -252,10 +257,23 @@ def build_data(ctx: RunContext) -> None:
             ctx.num_classes,
             ctx.counts,
         )
-        _logger.info("validation set: %d images (split %r)", len(ctx.val_base), args.val_split)
+        if ctx.test_base is None:
+            _logger.info("validation set: %d images (split %r)", len(ctx.val_base), args.val_split)
+        else:
+            _logger.info(
+                "validation set: %d images held out from the training split (stratified, "
+                "--data-seed %d; per class %s): they select the best epoch; test set: %d images "
+                "(split %r), evaluated once at the end",
+                len(ctx.val_base), args.data_seed, ctx.data_info["val_from_train"]["per_class"],
+                len(ctx.test_base), args.val_split,
+            )  # fmt: skip
+        if args.class_map:
+            _logger.info("class map %s: classes %s", args.class_map, ctx.class_names)
     # torchvision CIFAR has no validation split: 'validation' is the test set (model_best and the
     # "best metric" are then chosen on test data, as in timm; results should use the final epoch)
-    ctx.val_is_test = args.dataset.lower().split("/")[-1].startswith("cifar")
+    ctx.val_is_test = ctx.test_base is None and args.dataset.lower().split("/")[-1].startswith(
+        "cifar"
+    )
     if args.batch_size > len(ctx.train_base):
         raise ConfigError(
             f"--batch-size {args.batch_size} is larger than the training set ({len(ctx.train_base)} images)"
@@ -339,6 +357,8 @@ def build_model_and_task(ctx: RunContext) -> None:
             out_dir / "train_counts.json",
             json.dumps({"counts": ctx.counts, "classes": ctx.class_names}),
         )
+        if ctx.test_base is not None:  # which images were held out, by position in the train split
+            atomic_text(out_dir / "held_out.json", json.dumps(ctx.data_info["val_from_train"]))
     acc.wait_for_everyone()
 
     # ---- loaders, optimizer, scheduler --------------------------------------------------------
@@ -489,7 +509,7 @@ def diagnose(ctx: RunContext) -> None:
                 f"diagnosing on {split!r}: the evaluation set leaks into training", stacklevel=2
             )
         base = (
-            ctx.train_base
+            ctx.train_base  # without the --val-from-train hold-out
             if split == args.train_split
             else create_dataset(
                 args.dataset,
@@ -500,6 +520,10 @@ def diagnose(ctx: RunContext) -> None:
                 imb_seed=args.imb_seed,
             )
         )
+        if split != args.train_split and args.class_map:
+            from ..data.class_map import apply_class_map
+
+            base = apply_class_map(base, args.class_map, args.data_dir)
         # each image on exactly one rank (a prepared loader would pad with repeated images,
         # which could then enter a class's top-N twice)
         diag_loader = DataLoader(
@@ -530,7 +554,7 @@ def diagnose(ctx: RunContext) -> None:
         ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
         true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
         loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
-        input_size=data_config["input_size"],
+        input_size=data_config["input_size"], every=args.md_every,
     )  # fmt: skip
     if ctx.before is None and args.md_eval_before:
         doctor.capture.enabled = False
@@ -708,10 +732,58 @@ def report(ctx: RunContext) -> dict[str, Any]:
                 _write_report(ctx)
     if ctx.doctor is not None:
         ctx.doctor.remove()
+    if ctx.test_base is not None:
+        result["test"] = _final_test(ctx)
     ctx.acc.wait_for_everyone()
     if not ctx.nested:
         ctx.acc.end_training()
     return result
+
+
+def _final_test(ctx: RunContext) -> dict[str, Any]:
+    """With --val-from-train: evaluate the held-out-selected best checkpoint on the test set once.
+
+    Writes ``test_results.json`` (which checkpoint, which epoch, top-1/top-5, per class); the
+    summary's ``eval_*`` columns are the held-out validation set, not the test set.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import TransformedDataset
+
+    args, acc, saver = ctx.args, ctx.acc, ctx.saver
+    best_path = ctx.out_dir / "model_best.pth.tar"
+    which, epoch = "last", None
+    if saver.best is not None and best_path.is_file():
+        load_weights(ctx.unwrapped, best_path, prefer_ema=bool(args.model_ema))
+        which, epoch = "model_best", int(saver.best[1])
+    loader = DataLoader(
+        TransformedDataset(ctx.test_base, ctx.eval_tf),
+        batch_size=args.validation_batch_size or args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+    )
+    m = evaluate(ctx.model, acc.prepare(loader), acc, ctx.num_classes)  # model wraps unwrapped
+    out = {
+        "checkpoint": which,
+        "epoch": epoch,
+        "selected_on": f"{args.val_from_train} images held out from {args.train_split!r}",
+        "test_split": args.val_split,
+        "images": m["count"],
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
+        "classes": ctx.class_names,
+        "per_class": m["per_class"],
+    }
+    if acc.is_main_process:
+        atomic_text(ctx.out_dir / "test_results.json", json.dumps(out, indent=1))
+        _logger.info(
+            "*** TEST (split %r, %d images, read once): top1 %.2f top5 %.2f with %s%s "
+            "(selected on the held-out validation images) -> test_results.json",
+            args.val_split, m["count"], m["top1"], m["top5"], which,
+            f" (epoch {epoch + 1})" if epoch is not None else "",
+        )  # fmt: skip
+    return out
 
 
 def _write_report(ctx: RunContext) -> None:
