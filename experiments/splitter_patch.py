@@ -115,6 +115,7 @@ def split_stage(args, strong, val_loader, seed: int, out: Path, times) -> Path:
         mods = modularize(
             strong, val_loader, classes=list(range(5)), generations=args.generations,
             population=args.population, val_images=args.val_images, seed=seed,
+            min_confidence=args.min_confidence,
             state_path=str(out / f"search_s{seed}.state"), log=_log,
         )  # fmt: skip
         mods.save(path)
@@ -257,6 +258,7 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--val-images", type=int, default=250)
     ap.add_argument("--diag-per-class", type=int, default=50)
+    ap.add_argument("--min-confidence", type=float, default=0.9, help="importance image filter")
     ap.add_argument(
         "--val-per-class",
         type=int,

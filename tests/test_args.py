@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
+import yaml
 
 from md_plugin.errors import ConfigError
-from md_plugin.train.args import UNSUPPORTED, create_parser, parse_args
+from md_plugin.train.args import INERT, NO_OPS, NULL_VALUES, REFUSED, create_parser, parse_args
+
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _yaml(tmp_path, text: str) -> str:
@@ -34,13 +40,32 @@ def test_yaml_numbers_in_exponent_notation_are_numbers(tmp_path):
     assert a.md_alpha == pytest.approx(0.01)
 
 
-def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
-    cfg = _yaml(tmp_path, "model: resnet18\nlearning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+def test_unknown_yaml_keys_are_all_reported_in_one_error(tmp_path):
+    cfg = _yaml(tmp_path, "model: resnet18\nlearning_rate: 0.1\nlrr: 0.1\nfoo_bar: 1\n")
+    with pytest.raises(ConfigError) as e:
         parse_args(["-c", cfg])
-    cfg = _yaml(tmp_path, "lrr: 0.1\n")
-    with pytest.raises(ConfigError, match="did you mean 'lr'"):
-        parse_args(["-c", cfg])
+    msg = str(e.value)
+    assert "3 unknown config keys" in msg and "\n" not in msg
+    for part in (
+        "'learning_rate'",
+        "'lrr' (did you mean 'lr'?)",
+        "'foo_bar'",
+        "--ignore-unknown-keys",
+    ):
+        assert part in msg, part
+
+
+def test_ignore_unknown_keys_is_one_warning_listing_them(tmp_path):
+    cfg = _yaml(tmp_path, "model: resnet18\nmy_fork_key: 3\nother: x\nepochs: 4\n")
+    with pytest.warns(UserWarning) as rec:
+        a = parse_args(["-c", cfg, "--ignore-unknown-keys"])
+    msgs = [str(w.message) for w in rec if "unknown" in str(w.message)]
+    assert len(msgs) == 1 and "'my_fork_key'" in msgs[0] and "'other'" in msgs[0]
+    assert a.epochs == 4 and not hasattr(a, "my_fork_key")
+    # the switch may also live in the file itself
+    cfg2 = _yaml(tmp_path, "ignore_unknown_keys: true\nmy_fork_key: 3\n")
+    with pytest.warns(UserWarning, match="my_fork_key"):
+        parse_args(["-c", cfg2])
 
 
 def test_bad_yaml_value_is_an_error(tmp_path):
@@ -85,13 +110,137 @@ def test_timm_flag_names_and_defaults():
         assert f in flags, f
 
 
-def test_unsupported_timm_flag_errors_but_default_value_is_accepted(tmp_path):
-    with pytest.raises(ConfigError, match="--mixup is a timm train.py option"):
-        parse_args(["--mixup", "0.8"])
-    # a timm YAML that mentions the flag at its default still loads
-    a = parse_args(["-c", _yaml(tmp_path, "mixup: 0.0\ncutmix: 0.0\n")])
-    assert a.mixup == 0.0
-    assert "sync_bn" in UNSUPPORTED
+def test_refused_timm_flags_error_together_but_defaults_are_accepted(tmp_path):
+    with pytest.raises(
+        ConfigError, match="--sync-bn is|not supported by train_md.py: --sync-bn"
+    ) as e:
+        parse_args(["--sync-bn", "--tta", "2"])
+    assert "--sync-bn" in str(e.value) and "--tta" in str(e.value)  # both in one line
+    # a timm YAML that mentions them at their defaults still loads
+    a = parse_args(["-c", _yaml(tmp_path, "sync_bn: false\ntta: 0\nkd_model_name: null\n")])
+    assert a.sync_bn is False and a.tta == 0
+    assert "sync_bn" in REFUSED
+
+
+@pytest.mark.parametrize("name", ["head", "v0.6.13"])
+def test_full_timm_args_yaml_loads(name):
+    """args.yaml as timm's own parser writes it (every key, generated from train.py)."""
+    path = DATA / f"timm_args_{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert len(raw) > 110  # every key of that version's parser
+    a = parse_args(["-c", str(path)])
+    for key, value in raw.items():
+        got = getattr(a, key)
+        if key == "data_dir":
+            continue
+        assert got == value or (isinstance(value, (list, tuple)) and list(value) == got), key
+    assert a.data_dir == "/data/imagenet"
+
+
+def test_timm_1_0_31_keys_are_known(tmp_path):
+    cfg = "stop_epoch: null\nsave_epochs: null\npretrained_cfg_overlay: {}\nlr_decay_fn: null\n"
+    cfg += "lr_stable_timescale: null\n"
+    a = parse_args(["-c", _yaml(tmp_path, cfg)])
+    assert a.stop_epoch is None and a.pretrained_cfg_overlay == {}
+    with pytest.raises(ConfigError, match="--stop-epoch"):
+        parse_args(["-c", _yaml(tmp_path, "stop_epoch: 3\n")])
+
+
+def test_timm_0_4_keys_are_known(tmp_path):
+    a = parse_args(
+        ["-c", _yaml(tmp_path, "bn_tf: false\njsd: false\nvalidation_batch_size_multiplier: 1\n")]
+    )
+    assert a.bn_tf is False and a.jsd is False and a.validation_batch_size is None
+
+
+def test_every_flag_is_in_help():
+    parser = create_parser()
+    text = parser.format_help()
+    for act in parser._actions:
+        assert act.help != "==SUPPRESS==", act.dest
+        for opt in act.option_strings:
+            assert opt in text, opt
+    for dest in [*REFUSED, *INERT, *NO_OPS]:
+        assert "--" + dest.replace("_", "-") in text or dest == "local_rank", dest
+
+
+def test_null_where_timm_accepts_none(tmp_path):
+    cfg = "color_jitter: null\nscale: null\nsmoothing: null\namp: null\ntrain_interpolation: null\n"
+    cfg += "resume: null\naa: null\nmodel_kwargs: null\n"
+    a = parse_args(["-c", _yaml(tmp_path, cfg)])
+    assert a.color_jitter is None  # no colour jitter, as timm
+    assert a.scale == [0.08, 1.0] and a.smoothing == 0.0 and a.amp is False
+    assert a.train_interpolation == "" and a.resume == "" and a.aa is None
+    assert a.model_kwargs == {}
+    assert set(NULL_VALUES) <= {act.dest for act in create_parser()._actions}
+    with pytest.raises(ConfigError, match="'epochs' needs a value"):
+        parse_args(["-c", _yaml(tmp_path, "epochs: null\n")])
+
+
+def test_inert_flags_warn_once_when_their_flag_is_off(tmp_path):
+    with pytest.warns(UserWarning) as rec:
+        parse_args(["--bce-sum", "--mixup-prob", "0.5", "--wandb-project", "x"])
+    msgs = [str(w.message) for w in rec if "no effect" in str(w.message)]
+    assert len(msgs) == 1
+    for part in (
+        "--bce-sum (needs --bce-loss)",
+        "--mixup-prob",
+        "--wandb-project (needs --log-wandb)",
+    ):
+        assert part in msgs[0]
+    with pytest.warns(UserWarning, match=r"--bce-target-thresh \(needs --bce-loss\)"):
+        parse_args(["-c", _yaml(tmp_path, "bce_target_thresh: 0.2\n")])  # set in a file too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_args([])  # nothing to warn about at the defaults
+        parse_args(["-c", str(DATA / "timm_args_head.yaml")])
+
+
+def test_older_timm_keys_map_onto_flags(tmp_path):
+    a = parse_args(
+        [
+            "-c",
+            _yaml(tmp_path, "native_amp: true\nvalidation_batch_size_multiplier: 2\n"),
+            "-b",
+            "16",
+        ]
+    )
+    assert a.amp is True and a.validation_batch_size == 32
+    assert parse_args(["--drop-connect", "0.2"]).drop_path == 0.2
+    with pytest.raises(ConfigError, match="--drop-connect 0.2 and --drop-path 0.1 disagree"):
+        parse_args(["--drop-connect", "0.2", "--drop-path", "0.1"])
+    with pytest.raises(ConfigError, match="--apex-amp"):
+        parse_args(["-c", _yaml(tmp_path, "apex_amp: true\n")])
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--device", "mps"], "--device 'mps': use cpu, cuda or cuda:N"),
+        (["--train-interpolation", "lanczos"], "--train-interpolation 'lanczos'"),
+        (["--reprob", "1.5"], r"--reprob must be in \[0, 1\]"),
+        (["--recovery-interval", "10"], "--recovery-interval"),
+        (["--layer-decay", "0"], "--layer-decay must be > 0"),
+    ],
+)
+def test_bad_recipe_values(argv, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_args(argv)
+
+
+def test_layer_decay_reaches_timm_optimizer():
+    """--layer-decay goes through timm's optimizer_kwargs: earlier blocks get smaller lr scales."""
+    import timm
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    a = parse_args(["--opt", "adamw", "--lr", "0.1", "--layer-decay", "0.5"])
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3
+    )
+    opt = create_optimizer_v2(model, **optimizer_kwargs(cfg=a))
+    scales = sorted({round(g["lr_scale"], 6) for g in opt.param_groups})
+    # depth 2: embed (layer 0), block 0, block 1, head -> 0.5^3, 0.5^2, 0.5, 1
+    assert scales == [0.125, 0.25, 0.5, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -118,3 +267,26 @@ def test_model_kwargs_parsed_as_yaml_scalars():
 
 def test_positional_data_is_data_dir():
     assert parse_args(["/some/dir"]).data_dir == "/some/dir"
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--mixup", "0.2", "--loss", "focal"], "--loss focal needs integer labels"),
+        (["--bce-loss", "--loss", "ldam"], "--loss ldam needs integer labels: it cannot be combined with --bce-loss"),
+        (["--cutmix", "1", "--drw-epoch", "3"], "--drw-epoch re-weights --loss ce"),
+        (["--aug-repeats", "3", "--sampler", "sqrt"], "--aug-repeats and --sampler sqrt"),
+        (["--md", "--md-masks", "m/", "--aa", "rand-m9-mstd0.5"], "--md-masks .* --aa rand-m9-mstd0.5"),
+        (["--md", "--md-masks", "m/", "--mixup", "0.2"], "--md-masks .*--mixup/--cutmix"),
+        (["--md", "--md-masks", "m/", "--train-crop-mode", "rkrr"], "--md-masks .*rkrr"),
+    ],
+)  # fmt: skip
+def test_recipe_combinations_refused_in_one_line(argv, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        parse_args(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_masks_with_photometric_recipe_are_fine():
+    a = parse_args(["--md", "--md-masks", "m/", "--reprob", "0.3", "--grayscale-prob", "0.2"])
+    assert a.md_masks == "m/" and a.reprob == 0.3

@@ -342,7 +342,7 @@ def _check_typed(ns: argparse.Namespace) -> None:
             assert isinstance(v, dict) and all(isinstance(k, str) for k in v), where
             continue
         if v is None:
-            assert a.default is None, where
+            assert a.default is None or args_mod.NULL_VALUES.get(dest, 0) is None, where
             continue
         items = v
         if a.nargs in ("+", "*") or isinstance(a.nargs, int):

@@ -110,3 +110,32 @@ def _dump(path: Path, obj: dict) -> None:
     """Protocol 2 with str keys: what the original Python 2 cPickle files decode to."""
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
+
+
+def write_image_folder(
+    root: str | Path,
+    num_classes: int = 3,
+    train_per_class: int = 8,
+    val_per_class: int = 4,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+) -> Path:
+    """An ImageFolder tree ``root/{train,validation}/class_<i>/<n>.png`` (timm's folder layout).
+
+    Pixels are class-coloured noise (as ``write_cifar``), ``size`` is (H, W), deliberately not
+    square and not the training size so crops and resizes act.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    h, w = size
+    for split, per_class in (("train", train_per_class), ("validation", val_per_class)):
+        for c in range(num_classes):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.array([37, 91, 151]) * (c + 1) % 200 + 28
+            for i in range(per_class):
+                img = np.clip(base + rng.normal(0, 25, size=(h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root

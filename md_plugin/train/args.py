@@ -1,11 +1,16 @@
-"""Command line of ``train_md.py``: timm train.py's flag names plus Model Doctor flags.
+"""Command line of ``train_md.py``: every key of timm train.py's parser plus Model Doctor flags.
 
 Parsing is two-stage like timm: ``-c/--config FILE.yaml`` sets defaults, the command line wins.
-Unlike timm we refuse unknown YAML keys (naming the key and the closest valid one), convert
-YAML strings such as ``3e-4`` with each flag's own type, and accept an ``md:`` block whose keys
-are the ``--md-*`` flags without the prefix. timm flags we do not implement are still parsed, so
-an existing timm YAML loads, but any non-default value for them is an error rather than a
-silently ignored request.
+Every key that timm's ``train.py`` writes to ``args.yaml`` (0.5.x to 1.0.31 and HEAD) is a flag
+here, listed in ``--help`` under one of: implemented; accepted at any value because it only
+tunes timm machinery that accelerate replaces (``NO_OPS``); accepted because it only matters
+together with another flag (``INERT``, one warning when the other flag is off, as timm ignores
+it too); or refused with one line unless it has its default value (``REFUSED``).
+
+Unlike timm, keys that no timm version knows are all reported in one error (``--ignore-unknown-keys``
+makes that one warning), YAML strings such as ``3e-4`` are converted with each flag's own type,
+``null`` is accepted where timm's code accepts ``None`` (``NULL_VALUES``), and an ``md:`` block's
+keys are the ``--md-*`` flags without the prefix.
 """
 
 from __future__ import annotations
@@ -13,15 +18,28 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["create_parser", "parse_args", "UNSUPPORTED", "args_to_yaml_dict"]
+__all__ = [
+    "create_parser",
+    "parse_args",
+    "load_config",
+    "REFUSED",
+    "UNSUPPORTED",
+    "INERT",
+    "NO_OPS",
+    "NULL_VALUES",
+    "args_to_yaml_dict",
+    "mixup_active",
+]
 
 
 class _KwargsAction(argparse.Action):
@@ -59,40 +77,150 @@ def _float_or_none(v: str) -> float | None:
     return None if str(v).lower() in ("none", "null", "") else float(v)
 
 
-# timm train.py flags we accept only at their default value: dest -> (flag, default, kwargs)
-UNSUPPORTED: dict[str, tuple[str, Any, dict[str, Any]]] = {
-    "aa": ("--aa", None, {}),
-    "aug_repeats": ("--aug-repeats", 0.0, {"type": float}),
-    "aug_splits": ("--aug-splits", 0, {"type": int}),
-    "jsd_loss": ("--jsd-loss", False, {"action": "store_true"}),
-    "bce_loss": ("--bce-loss", False, {"action": "store_true"}),
-    "mixup": ("--mixup", 0.0, {"type": float}),
-    "cutmix": ("--cutmix", 0.0, {"type": float}),
-    "cutmix_minmax": ("--cutmix-minmax", None, {"type": float, "nargs": "+"}),
-    "mixup_off_epoch": ("--mixup-off-epoch", 0, {"type": int}),
-    "drop_block": ("--drop-block", None, {"type": float}),
-    "train_crop_mode": ("--train-crop-mode", None, {}),
-    "split_bn": ("--split-bn", False, {"action": "store_true"}),
-    "sync_bn": ("--sync-bn", False, {"action": "store_true"}),
-    "torchscript": ("--torchscript", False, {"action": "store_true"}),
-    "torchcompile": ("--torchcompile", None, {"nargs": "?", "const": "inductor"}),
-    "model_ema_force_cpu": ("--model-ema-force-cpu", False, {"action": "store_true"}),
-    "log_wandb": ("--log-wandb", False, {"action": "store_true"}),
-    "use_multi_epochs_loader": ("--use-multi-epochs-loader", False, {"action": "store_true"}),
-    "tta": ("--tta", 0, {"type": int}),
-    "save_images": ("--save-images", False, {"action": "store_true"}),
-    "layer_decay": ("--layer-decay", None, {"type": float}),
-    "epoch_repeats": ("--epoch-repeats", 0.0, {"type": float}),
-    "model_dtype": ("--model-dtype", None, {}),
-    "kd_model_name": ("--kd-model-name", None, {}),
-    "naflex_loader": ("--naflex-loader", False, {"action": "store_true"}),
-    "torchcompile_mode": ("--torchcompile-mode", None, {}),
-    "fuser": ("--fuser", "", {}),
-    "fast_norm": ("--fast-norm", False, {"action": "store_true"}),
+class Refused(NamedTuple):
+    """A timm flag train_md.py refuses unless it has its default value."""
+
+    flag: str
+    default: Any
+    kwargs: dict[str, Any]
+    why: str
+
+
+_STORE_TRUE: dict[str, Any] = {"action": "store_true"}
+
+# timm train.py flags refused unless at their default: dest -> Refused(flag, default, kwargs, why)
+REFUSED: dict[str, Refused] = {
+    "train_num_samples": Refused("--train-num-samples", None, {"type": int}, "only for iterable (tfds/wds) datasets, which are not supported"),
+    "val_num_samples": Refused("--val-num-samples", None, {"type": int}, "only for iterable (tfds/wds) datasets, which are not supported"),
+    "input_img_mode": Refused("--input-img-mode", None, {}, "datasets are read as RGB"),
+    "input_key": Refused("--input-key", None, {}, "only for hfds/wds datasets, which are not supported"),
+    "target_key": Refused("--target-key", None, {}, "only for hfds/wds datasets, which are not supported"),
+    "dataset_trust_remote_code": Refused("--dataset-trust-remote-code", False, _STORE_TRUE, "Hugging Face datasets are not supported"),
+    "aug_splits": Refused("--aug-splits", 0, {"type": int}, "AugMix split batches are not supported (--aa augmix works without splits)"),
+    "jsd_loss": Refused("--jsd-loss", False, _STORE_TRUE, "needs --aug-splits, which is not supported"),
+    "split_bn": Refused("--split-bn", False, _STORE_TRUE, "needs --aug-splits, which is not supported"),
+    "sync_bn": Refused("--sync-bn", False, _STORE_TRUE, "SyncBatchNorm has no double backward (Model Doctor) and is not supported"),
+    "torchscript": Refused("--torchscript", False, _STORE_TRUE, "scripted models cannot carry the forward hooks"),
+    "torchcompile": Refused("--torchcompile", None, {"nargs": "?", "const": "inductor"}, "torch.compile breaks the double backward of Model Doctor"),
+    "fuser": Refused("--fuser", "", {}, "TorchScript fusers only apply to --torchscript"),
+    "fast_norm": Refused("--fast-norm", False, _STORE_TRUE, "timm's fast norm kernels are not supported"),
+    "model_dtype": Refused("--model-dtype", None, {}, "use --amp / --amp-dtype (accelerate mixed precision)"),
+    "model_ema_force_cpu": Refused("--model-ema-force-cpu", False, _STORE_TRUE, "the EMA copy is kept on the training device"),
+    "log_wandb": Refused("--log-wandb", False, _STORE_TRUE, "Weights & Biases logging is not supported"),
+    "tta": Refused("--tta", 0, {"type": int}, "test-time augmentation is not supported"),
+    "save_images": Refused("--save-images", False, _STORE_TRUE, "saving training batches as images is not supported"),
+    "epoch_repeats": Refused("--epoch-repeats", 0.0, {"type": float}, "epoch repeats are not supported"),
+    "recovery_interval": Refused("--recovery-interval", 0, {"type": int}, "recovery-*.pth.tar is not written; a SIGINT/SIGTERM saves a resumable last.pth.tar instead"),
+    "kd_model_name": Refused("--kd-model-name", None, {}, "knowledge distillation is not supported"),
+    "naflex_loader": Refused("--naflex-loader", False, _STORE_TRUE, "the NaFlex loader is not supported"),
+    "train_img_sizes": Refused("--train-img-sizes", None, {"type": int, "nargs": "+"}, "variable training image sizes are not supported"),
+    "train_batches_per_epoch": Refused("--train-batches-per-epoch", None, {"type": int}, "fixed-length epochs are not supported (see --sampler-epoch-length)"),
+    "stop_epoch": Refused("--stop-epoch", None, {"type": int}, "not supported; use --epochs and --resume"),
+    "save_epochs": Refused("--save-epochs", None, {"type": int, "nargs": "+"}, "milestone checkpoints are not supported"),
+    "pretrained_cfg_overlay": Refused("--pretrained-cfg-overlay", {}, {"nargs": "*"}, "not supported; use --pretrained-path"),
+    # keys of older timm versions
+    "apex_amp": Refused("--apex-amp", False, _STORE_TRUE, "NVIDIA apex is not supported; use --amp"),
+    "amp_impl": Refused("--amp-impl", "native", {}, "only native torch AMP ('native') is supported"),
+    "aot_autograd": Refused("--aot-autograd", False, _STORE_TRUE, "AOT autograd breaks the double backward of Model Doctor"),
+    "bn_tf": Refused("--bn-tf", False, _STORE_TRUE, "TF BatchNorm defaults are not supported; use --bn-momentum/--bn-eps"),
+    "jsd": Refused("--jsd", False, _STORE_TRUE, "needs --aug-splits, which is not supported"),
+}  # fmt: skip
+UNSUPPORTED = REFUSED  # the earlier name
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    """timm's rule: mixup/cutmix run when either alpha is > 0 or a cutmix box range is given."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+# accepted at any value because they only matter with another flag (timm ignores them too);
+# a non-default value while that flag is off gets one warning. dest -> (needs, is it on?)
+INERT: dict[str, tuple[str, Callable[[argparse.Namespace], bool]]] = {
+    **{k: ("--log-wandb", lambda a: a.log_wandb) for k in ("wandb_project", "wandb_tags", "wandb_resume_id")},
+    "torchcompile_mode": ("--torchcompile", lambda a: a.torchcompile is not None),
+    **{k: ("--kd-model-name", lambda a: a.kd_model_name is not None) for k in (
+        "kd_distill_type", "kd_loss_type", "distill_loss_weight", "task_loss_weight", "kd_temperature",
+        "kd_student_feature_dim", "kd_teacher_feature_dim", "kd_token_distill_type")},
+    **{k: ("--naflex-loader", lambda a: a.naflex_loader) for k in (
+        "naflex_train_seq_lens", "naflex_max_seq_len", "naflex_patch_sizes", "naflex_patch_size_probs",
+        "naflex_loss_scale", "naflex_patchify_channels_first")},
+    **{k: ("--train-img-sizes", lambda a: a.train_img_sizes is not None) for k in (
+        "train_batch_sizes", "train_size_probs", "train_size_schedule", "train_size_schedule_spread",
+        "train_size_random_mix", "variable_batch_loss_scale")},
+    **{k: ("--mixup/--cutmix/--cutmix-minmax", mixup_active) for k in (
+        "mixup_prob", "mixup_switch_prob", "mixup_mode", "mixup_off_epoch")},
+    **{k: ("--bce-loss", lambda a: a.bce_loss) for k in ("bce_sum", "bce_target_thresh", "bce_pos_weight")},
+    **{k: ("--layer-decay", lambda a: a.layer_decay is not None) for k in (
+        "layer_decay_min_scale", "layer_decay_no_opt_scale")},
+    **{k: ("--reprob > 0", lambda a: a.reprob > 0) for k in ("remode", "recount", "resplit")},
+    "color_jitter_prob": ("--color-jitter", lambda a: bool(a.color_jitter)),
+}  # fmt: skip
+
+# how the INERT keys whose flag is refused here are parsed (timm's types and defaults)
+_INERT_FLAGS: dict[str, dict[str, Any]] = {
+    "wandb_project": {"default": None},
+    "wandb_tags": {"default": [], "nargs": "+"},
+    "wandb_resume_id": {"default": ""},
+    "torchcompile_mode": {"default": None},
+    "kd_distill_type": {"default": "logit", "choices": ["logit", "feature", "token"]},
+    "kd_loss_type": {"default": "kl"},
+    "distill_loss_weight": {"default": None, "type": float},
+    "task_loss_weight": {"default": None, "type": float},
+    "kd_temperature": {"default": 4.0, "type": float},
+    "kd_student_feature_dim": {"default": None, "type": int},
+    "kd_teacher_feature_dim": {"default": None, "type": int},
+    "kd_token_distill_type": {"default": "soft", "choices": ["soft", "hard"]},
+    "naflex_train_seq_lens": {"default": [128, 256, 576, 784, 1024], "type": int, "nargs": "+"},
+    "naflex_max_seq_len": {"default": 576, "type": int},
+    "naflex_patch_sizes": {"default": None, "type": int, "nargs": "+"},
+    "naflex_patch_size_probs": {"default": None, "type": float, "nargs": "+"},
+    "naflex_loss_scale": {"default": "linear", "choices": ["none", "sqrt", "linear"]},
+    "naflex_patchify_channels_first": {"default": False, "action": "store_true"},
+    "train_batch_sizes": {"default": None, "type": int, "nargs": "+"},
+    "train_size_probs": {"default": None, "type": float, "nargs": "+"},
+    "train_size_schedule": {"default": "constant", "choices": ["constant", "progressive"]},
+    "train_size_schedule_spread": {"default": 0.65, "type": float},
+    "train_size_random_mix": {"default": 0.1, "type": float},
+    "variable_batch_loss_scale": {"default": "none", "choices": ["none", "sqrt", "linear"]},
 }
 
-# timm flags that only tune timm-internal machinery we replace; accepted and documented as no-ops
-_NO_OPS = {"no_prefetcher", "pin_mem", "worker_seeding", "local_rank", "device_modules"}
+# timm flags that tune only timm machinery accelerate replaces: no effect on what is trained
+NO_OPS: dict[str, str] = {
+    "no_prefetcher": "timm's CUDA prefetcher is not used; batches are moved by accelerate",
+    "local_rank": "accelerate / torchrun set the ranks",
+    "synchronize_step": "a CUDA synchronize per step only changes timing",
+    "use_multi_epochs_loader": "keeping workers alive across epochs only changes speed",
+}
+
+# YAML null accepted where timm's code accepts None for a key whose default is not None
+# (a false boolean, timm's default range, the model's interpolation, "off"): dest -> value used
+NULL_VALUES: dict[str, Any] = {
+    "color_jitter": None,  # no colour jitter (timm: `if color_jitter is not None`)
+    "scale": [0.08, 1.0],  # timm: `scale or (0.08, 1.0)`
+    "ratio": [3.0 / 4.0, 4.0 / 3.0],
+    "interpolation": "",  # the model's interpolation
+    "train_interpolation": "",
+    "smoothing": 0.0,  # timm: `elif args.smoothing:`
+    "mixup_off_epoch": 0,
+    "aug_repeats": 0.0,
+    "dist_bn": "",  # timm: only 'broadcast'/'reduce' act
+    "lr_base_scale": "",
+    "class_map": "",
+    "output": "",
+    "experiment": "",
+    "resume": "",
+    "initial_checkpoint": "",
+    "md_diagnosis": "",
+    "md_masks": "",
+    "wandb_tags": [],
+    "wandb_resume_id": "",
+    "fuser": "",
+    "worker_seeding": "all",
+    "amp_impl": "native",
+}
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_TRAIN_INTERPOLATIONS = ("", "random", "bilinear", "bicubic", "nearest")
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -184,12 +312,33 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolation", default="")
     g.add_argument("-b", "--batch-size", type=int, default=128)
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    g.add_argument(
+        "--validation-batch-size-multiplier",
+        type=int,
+        default=1,
+        help="(older timm) validation batch = this x --batch-size when -vb is not given",
+    )
     g.add_argument("--channels-last", action="store_true", default=False)
     g.add_argument("--grad-accum-steps", type=int, default=1)
     g.add_argument("--grad-checkpointing", action="store_true", default=False)
     g.add_argument("--model-kwargs", nargs="*", default={}, action=_KwargsAction)
     g.add_argument("--drop", type=float, default=0.0)
-    g.add_argument("--drop-path", type=float, default=None)
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    g.add_argument(
+        "--drop-connect",
+        type=float,
+        default=None,
+        help="timm's deprecated name of --drop-path (used when --drop-path is not given)",
+    )
+    g.add_argument(
+        "--drop-block", type=float, default=None, help="DropBlock rate (timm's drop_block_rate)"
+    )
+    g.add_argument(
+        "--head-init-scale", type=float, default=None, help="scale the classifier's initial weights"
+    )
+    g.add_argument(
+        "--head-init-bias", type=float, default=None, help="set the classifier's initial bias"
+    )
     g.add_argument("--bn-momentum", type=float, default=None)
     g.add_argument("--bn-eps", type=float, default=None)
 
@@ -198,7 +347,21 @@ def create_parser() -> argparse.ArgumentParser:
         "--amp", action="store_true", default=False, help="mixed precision (see --amp-dtype)"
     )
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
-    g.add_argument("--device", default=None, help="'cpu' forces CPU; otherwise accelerate picks")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="'cpu' forces CPU; 'cuda' (timm's default) or unset: accelerate picks; "
+        "'cuda:N' selects GPU N in a single process",
+    )
+    g.add_argument(
+        "--native-amp", action="store_true", default=False, help="(older timm) same as --amp"
+    )
+    g.add_argument(
+        "--device-modules",
+        nargs="*",
+        default=None,
+        help="import these Python modules first (e.g. to register models or a device backend)",
+    )
     g.add_argument("--no-ddp-bb", action="store_true", default=False)
     g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""])
 
@@ -211,6 +374,11 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=_float_or_none, default=None)
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
     g.add_argument("--opt-kwargs", nargs="*", default={}, action=_KwargsAction)
+    g.add_argument(
+        "--layer-decay", type=float, default=None, help="layer-wise lr decay (timm optimizer)"
+    )
+    g.add_argument("--layer-decay-min-scale", type=float, default=0.0)
+    g.add_argument("--layer-decay-no-opt-scale", type=float, default=None)
 
     g = p.add_argument_group("Learning rate schedule")
     g.add_argument("--sched", default="cosine")
@@ -242,19 +410,64 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--cooldown-epochs", type=int, default=0)
     g.add_argument("--patience-epochs", type=int, default=10)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+    g.add_argument("--lr-decay-fn", default=None, help="decay function of wsd/rsqrt (timm 1.0.31)")
+    g.add_argument(
+        "--lr-stable-timescale", type=float, default=None, help="rsqrt timescale (timm 1.0.31)"
+    )
 
     g = p.add_argument_group("Augmentation and regularisation")
     g.add_argument("--no-aug", action="store_true", default=False)
+    g.add_argument(
+        "--train-crop-mode",
+        default=None,
+        choices=["rrc", "rkrc", "rkrr"],
+        help="rrc: RandomResizedCrop (default); rkrc/rkrr: keep-ratio resize, centre/random crop",
+    )
     g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0])
     g.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0])
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--vflip", type=float, default=0.0)
-    g.add_argument("--color-jitter", type=float, default=0.4)
-    g.add_argument("--reprob", type=float, default=0.0)
-    g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--color-jitter", type=float, default=0.4, help="strength; null in YAML: off")
+    g.add_argument("--color-jitter-prob", type=float, default=None)
+    g.add_argument("--grayscale-prob", type=float, default=None)
+    g.add_argument("--gaussian-blur-prob", type=float, default=None)
+    g.add_argument(
+        "--aa",
+        default=None,
+        help="timm auto-augment spec: rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, ...",
+    )
+    g.add_argument(
+        "--aug-repeats",
+        type=float,
+        default=0.0,
+        help="repeated augmentation: each image this many times per epoch (RepeatAugSampler)",
+    )
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--remode", default="pixel", choices=["const", "rand", "pixel"])
+    g.add_argument("--recount", type=int, default=1, help="random erasing: at most this many boxes")
+    g.add_argument(
+        "--resplit",
+        action="store_true",
+        default=False,
+        help="random erasing spares the first half of each batch (timm's clean split)",
+    )
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
+    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"])
+    g.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch")
     g.add_argument("--smoothing", type=float, default=0.1)
-    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--bce-loss", action="store_true", default=False, help="binary cross-entropy")
+    g.add_argument("--bce-sum", action="store_true", default=False)
+    g.add_argument("--bce-target-thresh", type=float, default=None)
+    g.add_argument("--bce-pos-weight", type=float, default=None)
+    g.add_argument(
+        "--train-interpolation",
+        default="random",
+        help="random (bilinear or bicubic per image), bilinear, bicubic, nearest",
+    )
     g.add_argument(
         "--crop-padding",
         type=int,
@@ -395,9 +608,11 @@ def create_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Misc")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--recovery-interval", type=int, default=0)
     g.add_argument("--checkpoint-hist", type=int, default=10)
     g.add_argument("-j", "--workers", type=int, default=4)
+    g.add_argument(
+        "--pin-mem", action="store_true", default=False, help="pinned memory in the DataLoaders"
+    )
     g.add_argument("--output", default="", help="output root (default ./output/train)")
     g.add_argument("--experiment", default="", help="run folder name under --output")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"])
@@ -409,16 +624,47 @@ def create_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
 
-    g = p.add_argument_group("timm flags without effect here (accepted for compatibility)")
-    g.add_argument("--no-prefetcher", action="store_true", default=False)
-    g.add_argument("--pin-mem", action="store_true", default=False)
-    g.add_argument("--worker-seeding", default="all")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    g.add_argument("--device-modules", nargs="*", default=None)
+    g.add_argument(
+        "--ignore-unknown-keys",
+        action="store_true",
+        default=False,
+        help="config keys no timm version knows become one warning instead of an error",
+    )
 
-    g = p.add_argument_group("timm flags not supported yet (error unless left at the default)")
-    for dest, (flag, default, kw) in UNSUPPORTED.items():
-        g.add_argument(flag, dest=dest, default=default, help=argparse.SUPPRESS, **kw)
+    g = p.add_argument_group("timm flags without effect on training here (accepted at any value)")
+    g.add_argument(
+        "--no-prefetcher", action="store_true", default=False, help=NO_OPS["no_prefetcher"]
+    )
+    g.add_argument("--local_rank", "--local-rank", type=int, default=0, help=NO_OPS["local_rank"])
+    g.add_argument(
+        "--synchronize-step", action="store_true", default=False, help=NO_OPS["synchronize_step"]
+    )
+    g.add_argument(
+        "--use-multi-epochs-loader",
+        action="store_true",
+        default=False,
+        help=NO_OPS["use_multi_epochs_loader"],
+    )
+    g.add_argument(
+        "--worker-seeding",
+        default="all",
+        choices=["all"],
+        help="torch seeds python, numpy and torch in each loader worker (timm's 'all')",
+    )
+
+    g = p.add_argument_group(
+        "timm flags that act only with a flag refused here (accepted at any value, as timm does)"
+    )
+    for dest, kw in _INERT_FLAGS.items():
+        needs = INERT[dest][0]
+        g.add_argument("--" + dest.replace("_", "-"), dest=dest, help=f"only with {needs}", **kw)
+
+    g = p.add_argument_group("timm flags refused unless at their default (one error line)")
+    for dest, r in REFUSED.items():
+        kw = dict(r.kwargs)
+        if dest == "pretrained_cfg_overlay":
+            kw["action"] = _KwargsAction
+        g.add_argument(r.flag, dest=dest, default=r.default, help=f"{r.why}", **kw)  # fmt: skip
     return p
 
 
@@ -443,11 +689,17 @@ def _convert(action: argparse.Action, key: str, value: Any, src: str) -> Any:
     def bad(why: str) -> ConfigError:
         return ConfigError(f"{src}: key {key!r} {why}, got {value!r}")
 
+    if value is None and key in NULL_VALUES:
+        return NULL_VALUES[key]
     if isinstance(action, _BOOL_ACTIONS):
+        if value is None and action.default is False:  # timm: `if args.flag` is false for None
+            return False
         if not isinstance(value, bool):
             raise bad("expects true/false")
         return value
     if isinstance(action, _KwargsAction):
+        if value is None:  # timm writes {} but a hand-written `model_kwargs:` is null
+            return {}
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("expects a mapping of names to values")
         return value
@@ -482,6 +734,8 @@ def _convert(action: argparse.Action, key: str, value: Any, src: str) -> Any:
             items = list(value) if isinstance(value, (list, tuple)) else [value]
             if isinstance(action.nargs, int) and len(items) != action.nargs:
                 raise ValueError(f"{action.nargs} values are expected")
+            if action.nargs == "+" and not items and action.default == []:
+                return []  # timm writes an empty list for unset multi-value keys (wandb_tags)
             if action.nargs == "+" and not items:
                 raise ValueError("at least one value is expected")
             return [one(v) for v in items]
@@ -501,19 +755,8 @@ def _yaml_error(e: yaml.YAMLError) -> str:
     return f"{where}{' '.join(str(problem).split())}{hint}"
 
 
-def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a YAML config into validated, typed parser defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
+def _flatten(raw: dict[Any, Any], path: Path) -> dict[str, Any]:
+    """Dest names for every key: dashes become underscores, an ``md:`` block becomes md_*."""
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         key = str(k).replace("-", "_")
@@ -529,15 +772,88 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
                 flat["md_" + str(mk).replace("-", "_")] = mv
         else:
             flat[key] = v
+    return flat
+
+
+def load_config(
+    path: str | Path, parser: argparse.ArgumentParser, ignore_unknown: bool = False
+) -> dict[str, Any]:
+    """Read a YAML config into validated, typed parser defaults.
+
+    Keys no timm version (nor train_md.py) knows are reported together: one ConfigError, or with
+    ``ignore_unknown`` (or ``ignore_unknown_keys: true`` in the file) one warning, and skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
+    flat = _flatten(raw, path)
     actions = _actions(parser)
-    out = {}
-    for key, value in flat.items():
-        if key not in actions:
+    unknown = [k for k in flat if k not in actions]
+    if unknown:
+        names = []
+        for key in unknown:
             near = difflib.get_close_matches(key, list(actions), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"{path}: unknown config key {key!r}{hint}")
-        out[key] = _convert(actions[key], key, value, str(path))
-    return out
+            names.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        listed = ", ".join(names)
+        count = f"{len(unknown)} unknown config key{'s' if len(unknown) > 1 else ''}"
+        if not (ignore_unknown or flat.get("ignore_unknown_keys") is True):
+            raise ConfigError(
+                f"{path}: {count}: {listed} (no timm train.py knows them; "
+                "--ignore-unknown-keys skips them with a warning)"
+            )
+        warnings.warn(f"{path}: ignoring {count}: {listed}", UserWarning, stacklevel=3)
+    return {k: _convert(actions[k], k, v, str(path)) for k, v in flat.items() if k in actions}
+
+
+def _check_refused(args: argparse.Namespace) -> None:
+    """All refused timm flags with a non-default value, in one error line."""
+    bad = [
+        f"{r.flag} ({r.why})"
+        for dest, r in REFUSED.items()
+        if getattr(args, dest) != r.default and not (r.default == {} and not getattr(args, dest))
+    ]
+    if bad:
+        raise ConfigError(
+            f"timm option{'s' if len(bad) > 1 else ''} not supported by train_md.py: "
+            + "; ".join(bad)
+        )
+
+
+def _warn_inert(args: argparse.Namespace) -> None:
+    """One warning naming the flags that have no effect because the flag they need is off."""
+    defaults = {a.dest: a.default for a in create_parser()._actions}  # not the YAML's
+    idle = [
+        f"--{dest.replace('_', '-')} (needs {needs})"
+        for dest, (needs, on) in INERT.items()
+        if getattr(args, dest) != defaults[dest] and not on(args)
+    ]
+    if idle:
+        warnings.warn("no effect, as in timm: " + ", ".join(idle), UserWarning, stacklevel=3)
+
+
+def _normalise(args: argparse.Namespace) -> None:
+    """Map timm's aliases and older keys onto the flags that implement them."""
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    if args.native_amp:  # timm < 0.8: --native-amp chose torch AMP
+        args.amp = True
+    if args.validation_batch_size is None and args.validation_batch_size_multiplier != 1:
+        args.validation_batch_size = args.batch_size * args.validation_batch_size_multiplier
+    if args.drop_connect is not None:  # timm: deprecated name of drop_path
+        if args.drop_path is not None and args.drop_path != args.drop_connect:
+            raise ConfigError(
+                f"--drop-connect {args.drop_connect} and --drop-path {args.drop_path} disagree: "
+                "--drop-connect is timm's old name of --drop-path, give one"
+            )
+        args.drop_path = args.drop_connect
 
 
 def _number_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
@@ -590,7 +906,7 @@ def _number_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
         (0 <= args.vflip <= 1, f"--vflip must be in [0, 1], got {args.vflip}"),
         (0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}"),
         (
-            0 <= args.color_jitter < math.inf,
+            opt(args.color_jitter, lambda v: 0 <= v < math.inf),  # None (YAML null): no jitter
             f"--color-jitter must be >= 0, got {args.color_jitter}",
         ),
         (
@@ -603,13 +919,8 @@ def _number_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for dest, (flag, default, _kw) in UNSUPPORTED.items():
-        if getattr(args, dest) != default:
-            raise ConfigError(
-                f"{flag} is a timm train.py option that train_md.py does not support yet"
-            )
-    if args.data and not args.data_dir:
-        args.data_dir = args.data
+    _check_refused(args)
+    _normalise(args)
     checks = [
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
@@ -636,9 +947,29 @@ def _validate(args: argparse.Namespace) -> None:
             f"--sampler-epoch-length must be >= 1, got {args.sampler_epoch_length}",
         ),
     ]
+    probs = ("mixup_prob", "mixup_switch_prob", "color_jitter_prob",
+             "grayscale_prob", "gaussian_blur_prob")  # fmt: skip
+    for name in probs:
+        v = getattr(args, name)
+        checks.append((v is None or 0.0 <= v <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {v}"))  # fmt: skip
+    mm = args.cutmix_minmax
+    checks += [
+        (0 <= args.mixup < math.inf and 0 <= args.cutmix < math.inf, "--mixup and --cutmix must be finite and >= 0"),
+        (mm is None or (len(mm) == 2 and 0 < mm[0] <= mm[1] <= 1),
+         f"--cutmix-minmax takes two fractions 0 < min <= max <= 1, got {mm}"),
+        (args.recount >= 1, f"--recount must be >= 1, got {args.recount}"),
+        (0 <= args.aug_repeats < math.inf, f"--aug-repeats must be >= 0, got {args.aug_repeats}"),
+        (args.layer_decay is None or 0 < args.layer_decay < math.inf, "--layer-decay must be > 0"),
+        (args.validation_batch_size_multiplier >= 1, "--validation-batch-size-multiplier must be >= 1"),
+        (args.train_interpolation in _TRAIN_INTERPOLATIONS,
+         f"--train-interpolation {args.train_interpolation!r}: choose from random, bilinear, bicubic, nearest"),
+        (args.device is None or bool(_DEVICE.match(str(args.device))),
+         f"--device {args.device!r}: use cpu, cuda or cuda:N (other backends: let accelerate pick, no --device)"),
+    ]  # fmt: skip
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _check_combinations(args)
     if args.md_loss != "official" and args.md_no_true_term:
         raise ConfigError(
             f"--md-loss {args.md_loss} is the true-class term: it cannot be combined with "
@@ -655,17 +986,56 @@ def _validate(args: argparse.Namespace) -> None:
         )
 
 
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Recipe combinations that cannot be honoured: refused in one line each."""
+    soft = mixup_active(args) or args.bce_loss
+    if soft and args.loss != "ce":
+        what = "--mixup/--cutmix" if mixup_active(args) else "--bce-loss"
+        raise ConfigError(
+            f"--loss {args.loss} needs integer labels: it cannot be combined with {what} "
+            "(timm's soft-target / binary cross-entropy replaces --loss ce)"
+        )
+    if soft and args.drw_epoch is not None:
+        raise ConfigError(
+            "--drw-epoch re-weights --loss ce; it cannot be combined with mixup/cutmix or --bce-loss"
+        )
+    if args.aug_repeats and args.sampler_epoch_length:
+        raise ConfigError("--aug-repeats and --sampler-epoch-length both set the epoch: use one")
+    if args.aug_repeats and args.sampler:
+        raise ConfigError(
+            f"--aug-repeats and --sampler {args.sampler} both choose the samples: use one"
+        )
+    if args.md and args.md_masks:
+        moves = []
+        if args.aa:
+            moves.append(f"--aa {args.aa} (its rotate/shear/translate ops cannot move the masks)")
+        if mixup_active(args):
+            moves.append("--mixup/--cutmix (a mixed image has no single foreground mask)")
+        if args.train_crop_mode in ("rkrc", "rkrr"):
+            moves.append(
+                f"--train-crop-mode {args.train_crop_mode} (masks follow rrc and --crop-padding only)"
+            )
+        if moves:
+            raise ConfigError(
+                "--md-masks (spatial term) cannot be used with "
+                + "; ".join(moves)
+                + ": drop the augmentation or the masks"
+            )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: YAML defaults, then the command line."""
     config_parser = _Parser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
-    known, remaining = config_parser.parse_known_args(argv)
+    config_parser.add_argument("--ignore-unknown-keys", action="store_true", default=False)
+    known, _ = config_parser.parse_known_args(argv)
     parser = create_parser()
+    argv = list(argv) if argv is not None else None
     if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
-    args = parser.parse_args(remaining)
-    args.config = known.config
+        parser.set_defaults(**load_config(known.config, parser, known.ignore_unknown_keys))
+    args = parser.parse_args(argv)
     _validate(args)
+    _warn_inert(args)
     return args
 
 

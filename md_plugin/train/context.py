@@ -82,6 +82,8 @@ class RunContext:
     lr_scheduler: Any = None
     num_epochs: int = 0
     criterion: torch.nn.Module | None = None
+    mixup: Any = None  # timm.data.Mixup when --mixup/--cutmix
+    batch_augment: Any = None  # recipe.BatchAugment: batch erasing (--resplit) and mixup
     model_ema: Any = None
     state: TrainState = field(default_factory=TrainState)
     saver: CheckpointManager | None = None

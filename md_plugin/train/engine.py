@@ -175,8 +175,13 @@ def train_one_epoch(
     skip_batches: int = 0,
     on_step: Callable[[int], None] | None = None,
     partial: dict[str, Any] | None = None,
+    mixup_fn: Callable | None = None,
 ) -> dict[str, float]:
     """Train one epoch; returns mean loss terms and throughput for the summary.
+
+    ``mixup_fn(x, y) -> (x, y)`` (timm's name) augments each batch on the device: mixup/cutmix
+    make ``y`` soft [B, C] targets; Model Doctor then gets each sample's dominant label (see
+    ``recipe.dominant_label``).
 
     Resuming mid-epoch (``skip_batches`` > 0) replays the loader through the finished batches
     without training on them, so the sampler order and the augmentation randomness of the
@@ -220,6 +225,8 @@ def train_one_epoch(
             continue
         x, y = batch[0], batch[1]
         fg, has = (batch[2], batch[3]) if len(batch) > 2 else (None, None)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
         ok, what = True, ""
         parts = None
         with torch.no_grad():
@@ -234,7 +241,8 @@ def train_one_epoch(
                 loss = ce
                 if md_due:  # training on it, or --md-monitor; every k-th step with --md-every
                     grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-                    md_loss, parts = doctor.loss(logits, y, fg, has, grad_scale=grad_scale)
+                    md_y = y.argmax(-1) if y.dim() == 2 else y  # soft targets: dominant label
+                    md_loss, parts = doctor.loss(logits, md_y, fg, has, grad_scale=grad_scale)
                     loss = ce + md_loss
             if not _all_finite(accelerator, loss):
                 ok, what = False, f"loss={loss.item()}"

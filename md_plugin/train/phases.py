@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import warnings
@@ -37,6 +38,7 @@ from .args import args_to_yaml_dict
 from .checkpoint import CheckpointManager, atomic_save, load_checkpoint_file, load_weights
 from .context import RunContext, Summary, atomic_text
 from .engine import TrainState, evaluate, train_one_epoch
+from .recipe import set_mixup_epoch
 
 __all__ = [
     "create_accelerator",
@@ -67,10 +69,43 @@ def _setup_logging(is_main: bool) -> None:
     )
 
 
+def _select_device(args: argparse.Namespace) -> None:
+    """``--device cuda:N`` in a single process: make GPU N current before accelerate starts
+    (accelerate then uses ``cuda``, the current device). Several processes get one GPU per
+    local rank from accelerate, so there the flag is refused."""
+    dev = str(args.device or "")
+    if dev == "cuda" and not torch.cuda.is_available():
+        _logger.warning("--device cuda: no CUDA device here, accelerate trains on the CPU")
+    if not dev.startswith("cuda:"):
+        return
+    index = int(dev.split(":", 1)[1])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"--device {dev} selects one GPU; with several processes use "
+            "`accelerate launch --gpu_ids ...` (or CUDA_VISIBLE_DEVICES) instead"
+        )
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ConfigError(f"--device {dev}: this machine has {have} CUDA device(s)")
+    torch.cuda.set_device(index)
+
+
+def _import_device_modules(args: argparse.Namespace) -> None:
+    """timm's ``--device-modules``: import them first (they may register models or backends)."""
+    import importlib
+
+    for name in args.device_modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--device-modules: cannot import {name!r}: {e}") from None
+
+
 def create_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    _select_device(args)
     mixed = None
     if args.amp:
         mixed = "bf16" if args.amp_dtype == "bfloat16" else "fp16"
@@ -98,6 +133,7 @@ def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         num_classes=num_classes,
         drop_rate=args.drop,
         drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
         global_pool=args.gp,
         bn_momentum=args.bn_momentum,
         bn_eps=args.bn_eps,
@@ -119,9 +155,28 @@ def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         raise ConfigError(f"cannot create {args.model}: {str(e).splitlines()[0]}") from None
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
+    _init_head(model, args)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _init_head(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """timm's ``--head-init-scale`` / ``--head-init-bias`` on the classifier (after loading)."""
+    if args.head_init_scale is None and args.head_init_bias is None:
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Linear | torch.nn.Conv2d):
+        raise ConfigError(
+            f"--head-init-scale/--head-init-bias: {args.model} has no linear classifier to scale"
+        )
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            head.weight.mul_(args.head_init_scale)
+            if head.bias is not None:
+                head.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None and head.bias is not None:
+            head.bias.fill_(args.head_init_bias)
 
 
 def _lr(args: argparse.Namespace, world: int) -> float:
@@ -222,6 +277,7 @@ def create_context(args: argparse.Namespace, nested: bool = False) -> RunContext
     """Accelerator, logging and the seed: what every later phase runs under."""
     from accelerate.utils import set_seed
 
+    _import_device_modules(args)
     acc = create_accelerator(args)
     _setup_logging(acc.is_main_process)
     set_seed(args.seed)
@@ -319,8 +375,17 @@ def build_model_and_task(ctx: RunContext) -> None:
 
     from ..data.datasets import TransformedDataset
     from ..data.samplers import check_batch_size, create_sampler
-    from ..data.transforms import create_eval_transform, create_train_transform
-    from ..losses.classification import create_loss
+    from ..data.transforms import (
+        create_eval_transform,
+        create_train_transform,
+        train_transform_kwargs,
+    )
+    from .recipe import (
+        create_batch_augment,
+        create_mixup,
+        create_repeat_sampler,
+        create_train_loss,
+    )
 
     args, acc, out_dir = ctx.args, ctx.acc, ctx.out_dir
 
@@ -329,12 +394,7 @@ def build_model_and_task(ctx: RunContext) -> None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ctx.data_config = data_config = resolve_data_config(vars(args), model=model, verbose=False)
-    train_tf = create_train_transform(
-        data_config, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, reprob=args.reprob,
-        crop_padding=args.crop_padding,
-        interpolation=None if args.train_interpolation == "random" else args.train_interpolation,
-    )  # fmt: skip
+    train_tf = create_train_transform(data_config, **train_transform_kwargs(args))
     ctx.eval_tf = create_eval_transform(data_config)
     masks = None
     if args.md_masks:
@@ -367,6 +427,8 @@ def build_model_and_task(ctx: RunContext) -> None:
         total_epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
     ctx.generator = torch.Generator()
+    if sampler is None:
+        sampler = create_repeat_sampler(args, train_ds)  # --aug-repeats (timm's sampler)
     if sampler is None:  # plain shuffling; --sampler-epoch-length draws that many per epoch
         sampler = RandomSampler(
             train_ds, num_samples=args.sampler_epoch_length, generator=ctx.generator
@@ -375,7 +437,8 @@ def build_model_and_task(ctx: RunContext) -> None:
     else:
         check_batch_size(len(sampler), args.batch_size)
     ctx.sampler = sampler
-    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=False)
+    pin = args.pin_mem and torch.cuda.is_available()  # pinned memory only helps copies to a GPU
+    workers = dict(num_workers=args.workers, persistent_workers=False, pin_memory=pin)
     train_loader = DataLoader(
         train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True, **workers
     )
@@ -395,11 +458,9 @@ def build_model_and_task(ctx: RunContext) -> None:
     ctx.lr_scheduler, ctx.num_epochs = create_scheduler_v2(
         ctx.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch
     )
-    ctx.criterion = create_loss(
-        args.loss, cls_num_list=ctx.counts, smoothing=args.smoothing, focal_gamma=args.focal_gamma,
-        rfl_threshold=args.rfl_threshold, cb_beta=args.cb_beta, ldam_max_m=args.ldam_max_m,
-        ldam_s=args.ldam_s, la_tau=args.la_tau, drw_epoch=args.drw_epoch,
-    ).to(acc.device)  # fmt: skip
+    ctx.criterion = create_train_loss(args, ctx.counts).to(acc.device)
+    ctx.mixup = create_mixup(args, ctx.num_classes)
+    ctx.batch_augment = create_batch_augment(args, ctx.mixup, acc.device)
     if args.model_ema:
         from timm.utils import ModelEmaV3
 
@@ -619,10 +680,11 @@ def _train_epoch(ctx: RunContext, epoch: int) -> dict[str, float]:
         ctx.sampler.set_epoch(epoch)
     if hasattr(ctx.criterion, "set_epoch"):
         ctx.criterion.set_epoch(epoch)
+    set_mixup_epoch(ctx.mixup, args, epoch)
     train_m = train_one_epoch(
         epoch, ctx.model, ctx.train_loader, ctx.optimizer, ctx.criterion, ctx.acc, args, state,
         lr_scheduler=ctx.lr_scheduler, doctor=ctx.doctor, model_ema=ctx.model_ema,
-        skip_batches=ctx.skip_batches, partial=ctx.resume_partial,
+        skip_batches=ctx.skip_batches, partial=ctx.resume_partial, mixup_fn=ctx.batch_augment,
     )  # fmt: skip
     ctx.skip_batches, ctx.resume_partial = 0, None
     # "interrupted" is agreed by all ranks in the step loop; a signal that lands after the
