@@ -710,6 +710,12 @@ def diagnose(ctx: RunContext) -> None:
             warnings.warn(
                 f"diagnosing on {split!r}: the evaluation set leaks into training", stacklevel=2
             )
+        if args.val_from_train and split != args.train_split:
+            raise ConfigError(
+                f"--md-diagnosis-split {split!r} with --val-from-train: another split can hold the "
+                "held-out images (e.g. 'training' is the whole CIFAR training set); the diagnosis "
+                f"uses the training images left after the hold-out (--train-split {args.train_split!r})"
+            )
         base = (
             ctx.train_base  # without the --val-from-train hold-out
             if split == args.train_split
