@@ -72,7 +72,14 @@ def main() -> None:
     print(f"diagnosis on {len(idx)} training images: {t_diag:.0f} s")
 
     t0 = time.time()
-    md = ModelDoctor(model, diag, alpha=0.0, monitor=True, input_size=data_config["input_size"])
+    md = ModelDoctor(
+        model,
+        diag,
+        alpha=0.0,
+        monitor=True,
+        capture_eval=True,
+        input_size=data_config["input_size"],
+    )
     model.eval()
     sums = {"md_channel": 0.0, "md_irr_mass": 0.0, "md_irr_share": 0.0}
     n = 0

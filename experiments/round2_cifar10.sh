@@ -64,7 +64,7 @@ busy() {  # our running jobs, plus runs started by an earlier invocation that ar
 for name in $ORDER; do
   [[ " ${EXTERNAL:-} " == *" $name "* ]] && continue
   while (($(busy) >= PAR)); do
-    wait -n 2>/dev/null || sleep 15
+    sleep 15  # polling, not `wait -n`: a run of an earlier invocation may free the slot
   done
   arm=${name%_s*}
   # shellcheck disable=SC2086

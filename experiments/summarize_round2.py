@@ -163,12 +163,15 @@ def main() -> None:
           f"{ms([h['top1'] for h in hs], 1)} |")  # fmt: skip
     w("")
     w("#### Wall time and load per run\n")
-    w("| run | train img/s (mean over epochs) | log |")
+    w("| run | train img/s per epoch (min-max) | wall time and 1/5/15-min load (`<run>.load`) |")
     w("|---|---|---|")
     for arm in arms:
         for s in sorted(data[arm]):
             r = data[arm][s]
-            w(f"| {arm}_s{s} | - | {r['load']} |")
+            log = (runs / f"{arm}_s{s}.log").read_text()
+            ips = [int(v) for v in re.findall(r"\| (\d+) img/s", log)]
+            rate = f"{min(ips)}-{max(ips)}" if ips else "-"
+            w(f"| {arm}_s{s} | {rate} | {r['load']} |")
     print("\n".join(out))
 
     if a.figure:

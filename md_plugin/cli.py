@@ -4,6 +4,7 @@
     md-doctor sift-low ... --out workspace/        # images worth annotating, opens in `labelme workspace/`
     md-doctor masks --annotations workspace/ --out masks/
     md-doctor report --diagnosis diagnosis.safetensors --checkpoint last.pth.tar --out report/
+    md-doctor split -c split.yaml                    # CNNSplitter: per-class modules of a model
     md-doctor patch -c patch.yaml                    # CNNSplitter: patch a weak model's class
 
 User errors print one line and exit 2.
@@ -93,6 +94,12 @@ def create_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--overwrite", action="store_true")
 
+    sp = sub.add_parser(
+        "split",
+        add_help=False,
+        help="split a strong CNN into per-class modules (CNNSplitter; md-doctor split -h)",
+    )
+    sp.set_defaults(split_args=[])  # everything after `split` goes to its own parser
     pt = sub.add_parser(
         "patch",
         add_help=False,
@@ -289,7 +296,18 @@ def cmd_patch(args: argparse.Namespace) -> None:
     patch_main(args.patch_args)
 
 
+def cmd_split(args: argparse.Namespace) -> None:
+    import logging
+
+    from .splitter.cli import cmd_split as run_split
+    from .splitter.cli import parse_split_args
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_split(parse_split_args(args.split_args))
+
+
 _COMMANDS = {
+    "split": cmd_split,
     "patch": cmd_patch,
     "diagnose": cmd_diagnose,
     "sift-low": cmd_sift_low,
@@ -303,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "patch":  # config-driven like train_md.py: its own two-stage parser
         args.patch_args = rest
+    elif args.command == "split":
+        args.split_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -93,6 +93,6 @@ def test_train_steps_read_the_device_twice_per_step_and_log_exact_sums(monkeypat
     n = sum(len(y) for _, y in batches)
     for k, v in tot.items():
         assert m[k] == v / n, k  # exactly the per-step Python-float accumulation
-    # per step: the loss finite check and the gradient finite check; one read of the sums at
-    # the end (before: 6 per step with Model Doctor -- loss, ce, two parts, two checks)
-    assert n_reads == 2 * STEPS + 1, n_reads
+    # per step: the loss and gradient finite checks and ModelDoctor's label-range check; one
+    # read of the sums at the end (before: 8 per step -- loss, ce, four parts, two checks)
+    assert n_reads == 3 * STEPS + 1, n_reads

@@ -59,6 +59,16 @@ def _world(root: Path) -> dict[str, Path]:
             for i in range(n):
                 arr = rng.randint(0, 255, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(d / f"{i}.png")
+    # a validation folder with a class the training folder lacks (labels would shift)
+    for split, classes in (("train", ("cat", "dog")), ("validation", ("cat", "dog", "eel"))):
+        for cls in classes:
+            d = root / "folder_extra" / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )
+    p["folder_extra"] = root / "folder_extra"
     bad = root / "folder" / "train" / "cat" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
     p["bad_png"] = bad
@@ -83,6 +93,21 @@ def _world(root: Path) -> dict[str, Path]:
         warnings.simplefilter("ignore")
         diag = diagnose(other, loader, "layer3.0.conv2", 10, per_class=2, input_size=(3, 32, 32))
     p["diag_other"] = diag.save(root / "diag_r32.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diag20 = diagnose(model, loader, "layer3.0.conv2", 10, per_class=2, input_size=(3, 32, 32))
+    p["diag_r20_layer3_0"] = diag20.save(root / "diag_r20.safetensors")
+    # masks that fit no training image (16x16 masks for 32x32 images)
+    (p_masks := root / "masks_wrong_size").mkdir()
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(p_masks / "000001.png")
+    p["masks_wrong_size"] = p_masks
+    # a real train_md.py checkpoint (cosine schedule) to resume
+    from md_plugin.train.main import main as train_main
+
+    res = train_main(parse_args([*_cifar(p), "--experiment", "cosine_run", "--sched", "cosine"]))
+    p["cosine_ck"] = Path(res["out_dir"]) / "last.pth.tar"
+    (p_file := root / "not_a_folder").write_text("x")
+    p["output_is_file"] = p_file
     (p_bad_diag := root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     p["diag_corrupt"] = p_bad_diag
 
@@ -100,6 +125,7 @@ def _world(root: Path) -> dict[str, Path]:
     p["cfg_bool"] = cfg("bool", "epochs: true\n")
     p["cfg_choice"] = cfg("choice", "clip_mode: sideways\n")
     p["cfg_broken"] = cfg("broken", "lr: [0.1\n  b: {\n")
+    p["cfg_tab"] = cfg("tab", "lr: 0.1\nmd:\n\talpha: 1\n")
     p["cfg_binary"] = root / "binary.yaml"
     p["cfg_binary"].write_bytes(b"\xff\xfe\x00garbage\x80")
     return p
@@ -217,14 +243,101 @@ CASES = {
         "does not fit this model",
     ),
     "diagnosis_corrupt": (
-        lambda p: _cifar(p, "--md", "--md-diagnosis", str(p["diag_corrupt"])),
+        lambda p: _cifar(
+            p,
+            "--md",
+            "--md-diagnosis",
+            str(p["diag_corrupt"]),
+            "--initial-checkpoint",
+            str(p["root"] / "good.pth.tar"),
+        ),  # fmt: skip
         "cannot read diagnosis {diag_corrupt}",
     ),
     "diagnosis_of_another_model": (
         lambda p: _cifar(
-            p, "--md", "--md-diagnosis", str(p["diag_other"]), "--md-layers", "layer3.0.conv2"
+            p,
+            "--md",
+            "--md-diagnosis",
+            str(p["diag_other"]),
+            "--md-layers",
+            "layer3.0.conv2",
+            "--initial-checkpoint",
+            str(p["root"] / "good.pth.tar"),
         ),  # fmt: skip
-        "diagnosis was made for a model with different parameter shapes",
+        "diagnosis was made for a model with different parameter shapes ('resnet32_cifar', "
+        "this model is 'resnet20_cifar')",
+    ),
+    # issue 13
+    "lr_nan": (lambda p: ["--lr", "nan"], "--lr must be a positive number, got nan"),
+    "lr_negative": (lambda p: ["--lr", "-0.1"], "--lr must be a positive number, got -0.1"),
+    "drop_above_1": (lambda p: ["--drop", "2"], "--drop must be in [0, 1), got 2.0"),
+    "validation_batch_zero": (lambda p: ["-vb", "0"], "-vb/--validation-batch-size must be >= 1"),
+    "md_topk_zero": (lambda p: ["--md-topk", "0"], "--md-topk must be >= 1, got 0"),
+    "topk_rule_without_k": (
+        lambda p: ["--md-mask-rule", "topk"],
+        "--md-mask-rule topk needs --md-topk K",
+    ),
+    "yaml_tab": (
+        lambda p: ["-c", str(p["cfg_tab"])],
+        "line 3, column 1: found character '\\t' that cannot start any token (YAML does not "
+        "allow tabs for indentation: use spaces)",
+    ),
+    "num_classes_below_labels": (
+        lambda p: _cifar(p, "--num-classes", "5"),
+        "the training split has 20 label(s) outside [0, 5) (e.g. 5), the class count set by "
+        "--num-classes 5",
+    ),
+    "validation_class_missing_in_train": (
+        lambda p: [
+            *TINY,
+            "--data-dir",
+            str(p["folder_extra"]),
+            "-b",
+            "4",
+            "--output",
+            str(p["out"]),
+        ],  # fmt: skip
+        "split's classes differ from the training split's (3 vs 2, e.g. 'eel')",
+    ),
+    "unknown_model_kwarg": (
+        lambda p: _cifar(p, "--model-kwargs", "widht=8"),
+        "cannot create resnet20_cifar: CifarResNet.__init__() got an unexpected keyword argument 'widht'",
+    ),
+    "output_is_a_file": (
+        lambda p: [*_cifar(p), "--output", str(p["output_is_file"])],
+        "cannot use {output_is_file}/",
+    ),
+    "md_diagnosis_without_trained_model": (
+        lambda p: _cifar(p, "--md", "--md-diagnosis", str(p["diag_r20_layer3_0"])),
+        "Model Doctor treats a trained model: pass --initial-checkpoint",
+    ),
+    "md_diagnosis_other_layers": (
+        lambda p: _cifar(
+            p,
+            "--md",
+            "--md-diagnosis",
+            str(p["diag_r20_layer3_0"]),
+            "--initial-checkpoint",
+            str(p["root"] / "good.pth.tar"),
+        ),  # fmt: skip
+        "--md-layers 'last_conv' is layer3.2.conv2, but the diagnosis",
+    ),
+    "md_beta_without_usable_masks": (
+        lambda p: _cifar(
+            p,
+            "--md",
+            "--md-beta",
+            "0.5",
+            "--md-masks",
+            str(p["masks_wrong_size"]),
+            "--initial-checkpoint",
+            str(p["root"] / "good.pth.tar"),
+        ),  # fmt: skip
+        "--md-beta 0.5 needs foreground masks, but no mask in",
+    ),
+    "resume_with_another_sched": (
+        lambda p: _cifar(p, "--resume", str(p["cosine_ck"]), "--sched", "step"),
+        "was trained with --sched cosine, not step",
     ),
 }
 
@@ -234,6 +347,7 @@ CASES = {
 SUBPROCESS = [
     "negative_alpha", "imb_ratio_not_a_number", "yaml_unknown_key", "missing_cifar_folder",
     "corrupt_image_workers1", "resume_truncated", "diagnosis_of_another_model",
+    "lr_nan", "yaml_tab", "num_classes_below_labels", "output_is_a_file",
 ]  # fmt: skip
 
 

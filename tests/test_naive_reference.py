@@ -92,7 +92,9 @@ def test_model_doctor_equals_naive_official(train_bn, alpha_off, beta_off, batch
     model, refs, masks, diag, x, y, fg, has = _setup(layers, batch)
     model.train(train_bn)
     alpha, beta = map_official_to_ours(alpha_off, beta_off, batch)
-    ours = ModelDoctor(model, diag, alpha, beta, batched=batched, input_size=(3, SIZE, SIZE))
+    ours = ModelDoctor(
+        model, diag, alpha, beta, batched=batched, input_size=(3, SIZE, SIZE), capture_eval=True
+    )
     naive = NaiveModelDoctor(
         [r.module for r in refs], [masks[r.name] for r in refs], alpha_off, beta_off, resize="area"
     )
@@ -121,7 +123,7 @@ def test_mapping_holds_for_a_batch_that_is_not_a_power_of_two():
     model, refs, masks, diag, x, y, fg, has = _setup(["conv3"], batch, seed=1)
     model.train()
     alpha, beta = map_official_to_ours(7.0, 0.5, batch)
-    ours = ModelDoctor(model, diag, alpha, beta, input_size=(3, SIZE, SIZE))
+    ours = ModelDoctor(model, diag, alpha, beta, input_size=(3, SIZE, SIZE), capture_eval=True)
     naive = NaiveModelDoctor([refs[0].module], [masks["conv3"]], 7.0, 0.5, resize="area")
     naive.enabled = False
     l_ours, _, g_ours = _loss_and_grads(model, lambda z: ours.loss(z, y, fg, has), x)

@@ -83,10 +83,12 @@ class _Faulty(nn.Module):
 
 
 def _inject(monkeypatch, bad, kind: str) -> None:
+    from md_plugin.train import recipe
+
     real = classification.create_loss
-    monkeypatch.setattr(
-        classification, "create_loss", lambda *a, **k: _Faulty(real(*a, **k), bad, kind)
-    )
+    faulty = lambda *a, **k: _Faulty(real(*a, **k), bad, kind)  # noqa: E731
+    monkeypatch.setattr(classification, "create_loss", faulty)
+    monkeypatch.setattr(recipe, "create_loss", faulty)  # what the trainer calls
 
 
 def _finite(sd: dict[str, torch.Tensor]) -> bool:
@@ -128,11 +130,34 @@ def test_consecutive_bad_steps_abort_with_causes_and_keep_last_good_checkpoint(
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: 3 consecutive non-finite steps")
     assert "learning rate too high (lr 0.02)" in lines[0]
-    assert "The last good checkpoint is kept" in lines[0]
     run = tmp_path / "run"
+    assert f"The last good checkpoint is {run / 'last.pth.tar'} (epoch 0)." in lines[0]
     ck = load_checkpoint_file(run / "last.pth.tar")  # epoch 0's checkpoint, untouched
     assert ck["epoch"] == 0 and not ck["partial_step"] and _finite(ck["state_dict"])
     assert [r["epoch"] for r in _rows(run)] == ["0"]
+
+
+@pytest.mark.parametrize("bad_steps", ["3", "30"])
+def test_huge_lr_never_leaves_a_poisoned_checkpoint(data, tmp_path, capsys, bad_steps):
+    """Issue 13 item 1: --lr 1e6 used to save NaN BatchNorm statistics as the "last good"
+    checkpoint. Now every checkpoint on disk is finite (weights and buffers), and the abort names
+    the checkpoint that exists, or says there is none."""
+    argv = _argv(data, tmp_path, "--max-bad-steps", bad_steps, "--checkpoint-hist", "2")
+    argv[argv.index("--lr") + 1] = "1e6"
+    code = cli(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    run = tmp_path / "run"
+    files = sorted(run.glob("*.pth.tar"))
+    for f in files:
+        ck = load_checkpoint_file(f)
+        assert _finite(ck["state_dict"]), f  # BatchNorm running stats included
+    if (run / "last.pth.tar").exists():
+        ep = load_checkpoint_file(run / "last.pth.tar")["epoch"]
+        assert f"The last good checkpoint is {run / 'last.pth.tar'} (epoch {ep})." in lines[0]
+    else:
+        assert lines[0].endswith("No checkpoint was written yet (nothing to resume).")
 
 
 def test_abort_message_names_model_doctor_and_fp16_causes():

@@ -70,7 +70,7 @@ def test_gradient_shares_agree_with_the_treatment_statistic():
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     diag = _diag(model, M, 5)
     r = gradient_shares(model, [(x, y)], diag, input_size=(5, 4, 4))
-    md = ModelDoctor(model, diag, alpha=0.0, monitor=True, input_size=(5, 4, 4))
+    md = ModelDoctor(model, diag, alpha=0.0, monitor=True, capture_eval=True, input_size=(5, 4, 4))
     parts = md.loss(model(x), y)[1]
     assert float(r["share"].mean()) == pytest.approx(parts["md_irr_share"].item(), rel=1e-5)
     assert float(r["irr_mass"].mean()) == pytest.approx(parts["md_irr_mass"].item(), rel=1e-5)

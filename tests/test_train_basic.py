@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from md_plugin.cli import main as doctor_main
+from md_plugin.doctor import Diagnosis
 from md_plugin.train.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,3 +288,61 @@ def test_md_run_under_bf16_autocast(baseline_run, cifar10_root, tmp_path):
     row = _rows(tmp_path / "bf16" / "summary.csv")[0]
     assert float(row["train_md_channel"]) > 0 and float(row["train_skipped_steps"]) == 0
     assert yaml.safe_load((tmp_path / "bf16" / "args.yaml").read_text())["amp_dtype"] == "bfloat16"
+
+
+def _spy_images(monkeypatch):
+    """Record the (eval-transformed) images the diagnosis and the first evaluation iterate over."""
+    import hashlib
+
+    import md_plugin.doctor as doctor_pkg
+    import md_plugin.train.phases as phases
+
+    seen = {"diag": [], "val": []}
+    real_diag, real_eval = doctor_pkg.diagnose, phases.evaluate
+
+    def key(x):
+        return hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest()
+
+    def spy_diag(model, loader, *a, **k):
+        batches = list(loader)
+        seen["diag"] += [key(x) for b in batches for x in b[0]]
+        return real_diag(model, batches, *a, **k)
+
+    def spy_eval(model, loader, *a, **k):
+        if not seen["val"]:  # the first evaluation is on the validation (= held-out) split
+            seen["val"] += [key(x) for b in loader for x in b[0]]
+        return real_eval(model, loader, *a, **k)
+
+    monkeypatch.setattr(doctor_pkg, "diagnose", spy_diag)
+    monkeypatch.setattr(phases, "evaluate", spy_eval)
+    return seen
+
+
+def test_diagnosis_never_uses_held_out_images(baseline_run, cifar10_root, tmp_path, monkeypatch):
+    """With --val-from-train, the diagnosis iterates over exactly the training images that are
+    not held out: every kept image once, no held-out image (compared image by image)."""
+    seen = _spy_images(monkeypatch)
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--experiment", "held", "--val-from-train", "30", "--md", "--md-alpha", "0.1",
+                     "--md-per-class", "5", "--no-md-report", "--sampler-epoch-length", "40",
+                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")])  # fmt: skip
+    assert rc == 0
+    diag, val = seen["diag"], seen["val"]
+    assert len(val) == 30 and len(set(val)) == 30  # the hold-out, all distinct images
+    assert len(diag) == 200 - 30 and len(set(diag)) == 170  # each kept image exactly once
+    assert not set(diag) & set(val)
+    held = json.loads((tmp_path / "held" / "held_out.json").read_text())
+    d = Diagnosis.load(tmp_path / "held" / "diagnosis.safetensors")
+    assert d.options["images_seen"] == 170 and held["held_out"] == 30
+
+
+def test_held_out_images_cannot_reach_the_diagnosis_through_another_split(
+    baseline_run, cifar10_root, tmp_path, capsys
+):
+    """'training' is the full CIFAR training set to timm, hold-out included: refused."""
+    rc = cli(TINY + ["--data-dir", str(cifar10_root), "--epochs", "1", "--output", str(tmp_path),
+                     "--val-from-train", "30", "--md", "--md-diagnosis-split", "training",
+                     "--initial-checkpoint", str(baseline_run / "last.pth.tar")])  # fmt: skip
+    assert rc == 2
+    assert "--val-from-train" in capsys.readouterr().err
+    assert not (tmp_path / "diagnosis.safetensors").exists()

@@ -51,7 +51,11 @@ def test_channel_loss_matches_hand_computation():
     x = torch.rand(B, C, 4, 4) + 0.1  # A = x > 0
     y = torch.tensor([0, 1, 2, 3, 0, 2])
     md = ModelDoctor(
-        model, _diagnosis(model, "conv", M, (C, 4, 4)), alpha=0.7, input_size=(C, 4, 4)
+        model,
+        _diagnosis(model, "conv", M, (C, 4, 4)),
+        alpha=0.7,
+        input_size=(C, 4, 4),
+        capture_eval=True,
     )
     logits = model(x)
     loss, parts = md.loss(logits, y)
@@ -87,7 +91,7 @@ def test_share_loss_matches_hand_computation_and_is_scale_invariant():
     for scale in (1.0, 1e-3, 50.0):  # scaling every gradient leaves the share unchanged
         model = Linearish(W * scale)
         md = ModelDoctor(model, _diagnosis(model, "conv", M, (C, 4, 4)), alpha=0.3,
-                         loss_kind="share", input_size=(C, 4, 4))  # fmt: skip
+                         loss_kind="share", input_size=(C, 4, 4), capture_eval=True)  # fmt: skip
         loss, parts = md.loss(model(x), y)
         assert parts["md_channel"].item() == pytest.approx(share, rel=1e-5)
         assert loss.item() == pytest.approx(0.3 * share, rel=1e-5)
@@ -98,10 +102,12 @@ def test_share_loss_matches_hand_computation_and_is_scale_invariant():
     # true_only = the official true-class term alone; official = true + confusing class terms
     model = Linearish(W)
     diag = _diagnosis(model, "conv", M, (C, 4, 4))
-    md = ModelDoctor(model, diag, alpha=1.0, loss_kind="true_only", input_size=(C, 4, 4))
+    md = ModelDoctor(
+        model, diag, alpha=1.0, loss_kind="true_only", input_size=(C, 4, 4), capture_eval=True
+    )
     assert md.loss(model(x), y)[1]["md_channel"].item() == pytest.approx(mass, rel=1e-5)
     md.remove()
-    md = ModelDoctor(model, diag, alpha=1.0, input_size=(C, 4, 4))
+    md = ModelDoctor(model, diag, alpha=1.0, input_size=(C, 4, 4), capture_eval=True)
     official = md.loss(model(x), y)[1]
     assert official["md_channel"].item() > mass + 1e-3
     assert official["md_irr_mass"].item() == pytest.approx(mass, rel=1e-5)
@@ -112,7 +118,7 @@ def test_share_loss_zero_mass_sample_is_zero_not_nan():
     model = Linearish(W)
     M = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
     md = ModelDoctor(model, _diagnosis(model, "conv", M, (2, 4, 4)), alpha=1.0,
-                     loss_kind="share", input_size=(2, 4, 4))  # fmt: skip
+                     loss_kind="share", input_size=(2, 4, 4), capture_eval=True)  # fmt: skip
     x = torch.rand(2, 2, 4, 4) + 0.1
     loss, parts = md.loss(model(x), torch.tensor([0, 1]))
     assert parts["md_channel"].item() == pytest.approx((2 / 3) / 2, rel=1e-6)
@@ -182,7 +188,11 @@ def test_penalised_gradient_equals_finite_differences():
     y = torch.tensor([0, 2, 1])
     masks = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
     md = ModelDoctor(
-        m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, input_size=(2, 3, 3)
+        m,
+        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        alpha=1.0,
+        input_size=(2, 3, 3),
+        capture_eval=True,
     )
     logits = m(x)
     loss, _ = md.loss(logits, y)
@@ -213,7 +223,7 @@ def test_double_backward_gradient_matches_finite_differences():
     y = torch.tensor([1, 0])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
     md = ModelDoctor(m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, beta=0.5,
-                     input_size=(2, 3, 3))  # fmt: skip
+                     input_size=(2, 3, 3), capture_eval=True)  # fmt: skip
     fg = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
     fg[:, :, 1:, 1:] = 1
     has = torch.tensor([True, False])
@@ -243,7 +253,7 @@ def test_share_loss_gradient_matches_finite_differences():
     y = torch.tensor([2, 0, 1])
     masks = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
     md = ModelDoctor(m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0,
-                     loss_kind="share", input_size=(2, 3, 3))  # fmt: skip
+                     loss_kind="share", input_size=(2, 3, 3), capture_eval=True)  # fmt: skip
     a = m.body(x).detach()
     # value: rebuild the share from central differences of the head
     eps = 1e-6
@@ -286,10 +296,20 @@ def test_monitor_logs_the_penalty_without_training_on_it():
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
     diag = _diagnosis(m, "body.conv", masks, (2, 3, 3))
     for kind in ("official", "true_only", "share"):
-        treated = ModelDoctor(m, diag, alpha=0.5, loss_kind=kind, input_size=(2, 3, 3))
+        treated = ModelDoctor(
+            m, diag, alpha=0.5, loss_kind=kind, input_size=(2, 3, 3), capture_eval=True
+        )
         ref = treated.loss(m(x), y)[1]
         treated.remove()
-        mon = ModelDoctor(m, diag, alpha=0.0, loss_kind=kind, monitor=True, input_size=(2, 3, 3))
+        mon = ModelDoctor(
+            m,
+            diag,
+            alpha=0.0,
+            loss_kind=kind,
+            monitor=True,
+            input_size=(2, 3, 3),
+            capture_eval=True,
+        )
         assert not mon.active and mon.computes
         m.zero_grad()
         logits = m(x)
@@ -304,7 +324,7 @@ def test_monitor_logs_the_penalty_without_training_on_it():
         assert torch.equal(g_mon, m.head.conv.weight.grad)
         mon.remove()
     # without monitor, alpha=0 still costs nothing
-    off = ModelDoctor(m, diag, alpha=0.0, input_size=(2, 3, 3))
+    off = ModelDoctor(m, diag, alpha=0.0, input_size=(2, 3, 3), capture_eval=True)
     assert not off.computes
 
 
@@ -315,7 +335,11 @@ def test_loss_is_per_sample_normalised():
     y = torch.tensor([0, 1, 2, 1])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
     md = ModelDoctor(
-        m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, input_size=(2, 3, 3)
+        m,
+        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        alpha=1.0,
+        input_size=(2, 3, 3),
+        capture_eval=True,
     )
     a = md.loss(m(x), y)[0].item()
     b = md.loss(m(torch.cat([x, x])), torch.cat([y, y]))[0].item()
@@ -328,7 +352,7 @@ def test_batched_grads_scale_and_bf16_agree():
     y = torch.tensor([0, 1, 2, 1])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
     diag = _diagnosis(m, "body.conv", masks, (2, 3, 3))
-    md = ModelDoctor(m, diag, alpha=1.0, input_size=(2, 3, 3))
+    md = ModelDoctor(m, diag, alpha=1.0, input_size=(2, 3, 3), capture_eval=True)
     ref = md.loss(m(x), y)[0].item()
     md.batched = True
     assert md.loss(m(x), y)[0].item() == pytest.approx(ref, rel=1e-10)
@@ -337,7 +361,7 @@ def test_batched_grads_scale_and_bf16_agree():
     assert md.loss(m(x), y, grad_scale=1024.0)[0].item() == pytest.approx(ref, rel=1e-10)
     md.remove()
     mf = copy.deepcopy(m).float()
-    mdf = ModelDoctor(mf, diag, alpha=1.0, input_size=(2, 3, 3))
+    mdf = ModelDoctor(mf, diag, alpha=1.0, input_size=(2, 3, 3), capture_eval=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mf(x.float())
         val = mdf.loss(out, y)[0]
@@ -350,7 +374,11 @@ def test_alpha_zero_costs_nothing_and_returns_zero():
     m = _tiny(4)
     masks = torch.ones(3, 3, dtype=torch.bool)
     md = ModelDoctor(
-        m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=0.0, input_size=(2, 3, 3)
+        m,
+        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        alpha=0.0,
+        input_size=(2, 3, 3),
+        capture_eval=True,
     )
     assert not md.active
     loss, parts = md.loss(m(torch.randn(2, 2, 3, 3, dtype=torch.float64)), torch.tensor([0, 1]))
@@ -362,7 +390,12 @@ def test_spatial_loss_hand_value_zero_on_foreground():
     model = Linearish(W)
     M = torch.ones(2, 2, dtype=torch.bool)  # no channel penalty from the true class
     md = ModelDoctor(
-        model, _diagnosis(model, "conv", M, (2, 4, 4)), alpha=0.0, beta=2.0, input_size=(2, 4, 4)
+        model,
+        _diagnosis(model, "conv", M, (2, 4, 4)),
+        alpha=0.0,
+        beta=2.0,
+        input_size=(2, 4, 4),
+        capture_eval=True,
     )
     x = torch.rand(3, 2, 4, 4) + 0.1
     y = torch.tensor([0, 1, 1])
@@ -469,7 +502,7 @@ def test_penalty_lowers_irrelevant_gradient_mass(trained_digits):
     arms = {}
     for alpha in (0.0, 0.5):
         m = copy.deepcopy(base)
-        md = ModelDoctor(m, diag, alpha=alpha, input_size=(3, 16, 16))
+        md = ModelDoctor(m, diag, alpha=alpha, input_size=(3, 16, 16), capture_eval=True)
         _train(m, x, y, 150, 0.02, md, seed=1)
         md.remove()
         arms[alpha] = _masses(m, diag, x[:512], y[:512])
@@ -486,7 +519,9 @@ def test_true_class_term_moves_gradient_to_relevant_channels(trained_digits):
     shares = {}
     for alpha in (0.0, 0.5):
         m = copy.deepcopy(base)
-        md = ModelDoctor(m, diag, alpha=alpha, confusing_term=False, input_size=(3, 16, 16))
+        md = ModelDoctor(
+            m, diag, alpha=alpha, confusing_term=False, input_size=(3, 16, 16), capture_eval=True
+        )
         _train(m, x, y, 150, 0.02, md, seed=1)
         md.remove()
         irr, rel, acc = _masses(m, diag, x[:512], y[:512])
@@ -540,7 +575,9 @@ def test_spatial_penalty_lowers_background_gradient_mass():
     res = {}
     for beta in (0.0, 0.5):
         m = copy.deepcopy(net)
-        md = ModelDoctor(m, diag, alpha=0.0, beta=beta, input_size=(3, size, size))
+        md = ModelDoctor(
+            m, diag, alpha=0.0, beta=beta, input_size=(3, size, size), capture_eval=True
+        )
         o = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
         gg = torch.Generator().manual_seed(1)
         m.train()

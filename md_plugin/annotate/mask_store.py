@@ -8,7 +8,7 @@ doing either silently is how a mask ends up describing the wrong pixels.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +26,24 @@ class MaskStoreWarning(UserWarning):
 def load_masks(
     mask_dir: str | Path,
     dataset_size: int | None = None,
-    image_size: Sequence[int] | None = None,
+    image_size: Sequence[int] | Callable[[int], Sequence[int]] | None = None,
 ) -> dict[int, np.ndarray]:
     """Return ``{dataset index: bool (H, W) foreground}`` from the PNGs in ``mask_dir``.
 
-    ``image_size`` is the ``(height, width)`` of the dataset images; pixels > 127 are
-    foreground (files are written as 0/255). Files whose stem is not an integer are ignored
-    with a warning; ``masks.json`` and other non-PNG files are ignored silently.
+    ``image_size`` is the ``(height, width)`` of the dataset images, or a function of the index
+    giving each image's own size (a folder of mixed sizes: every mask is checked against its own
+    image, not image #0); pixels > 127 are foreground (files are written as 0/255). Files whose
+    stem is not an integer are ignored with a warning; ``masks.json`` and other non-PNG files are
+    ignored silently.
     """
     root = Path(mask_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"mask folder not found: {root}")
-    want = tuple(int(v) for v in image_size) if image_size is not None else None
+    if image_size is None or callable(image_size):
+        size_of = image_size
+    else:
+        fixed = tuple(int(v) for v in image_size)
+        size_of = lambda _i: fixed  # noqa: E731
     masks: dict[int, np.ndarray] = {}
     for path in sorted(root.iterdir()):
         if path.suffix.lower() != ".png" or not path.is_file():
@@ -58,6 +64,7 @@ def load_masks(
         except OSError as e:
             _warn(path, f"cannot read image ({e})")
             continue
+        want = tuple(int(v) for v in size_of(index)) if size_of is not None else None
         if want is not None and arr.shape != want:
             _warn(path, f"mask is {arr.shape[0]}x{arr.shape[1]}, images are {want[0]}x{want[1]}")
             continue

@@ -27,6 +27,7 @@ __all__ = [
     "TransformedDataset",
     "get_targets",
     "get_class_names",
+    "resolve_num_classes",
     "DigitsDataset",
 ]
 
@@ -230,6 +231,51 @@ def get_targets(ds: Dataset) -> list[int]:
     if samples is not None:
         return [int(s[1]) for s in samples]
     return [int(ds[i][1]) for i in range(len(ds))]  # type: ignore[arg-type]
+
+
+def resolve_num_classes(
+    train: Dataset,
+    evalsets: Sequence[tuple[str, Dataset]] = (),
+    requested: int | None = None,
+    train_targets: Sequence[int] | None = None,
+) -> int:
+    """The class count, with every label of every split checked against it before training.
+
+    ``requested`` (``--num-classes``) wins, else the dataset's own class list, else the largest
+    training label + 1. A label outside ``[0, count)`` in any split is a ``DataError`` naming the
+    split, the label and where the count came from: caught now, not as a traceback in the middle
+    of an epoch (or, for a validation label, after a whole training epoch), and never as a
+    silently added class.
+    """
+    targets = list(train_targets) if train_targets is not None else get_targets(train)
+    if not targets:
+        raise DataError("the training set is empty")
+    classes = getattr(train, "classes", None)
+    known = len(classes) if isinstance(classes, Sequence) and len(classes) else None
+    if requested is not None:
+        n, why = int(requested), f"--num-classes {requested}"
+    elif known is not None:
+        n, why = known, f"the dataset's {known} class names"
+    else:
+        n, why = max(targets) + 1, f"{max(targets) + 1} classes (largest training label + 1)"
+    for name, ds in evalsets:  # e.g. an ImageFolder split with a class folder more or less
+        other = getattr(ds, "classes", None)
+        if known is not None and isinstance(other, Sequence) and list(other) != list(classes):
+            extra = [c for c in other if c not in classes] or [c for c in classes if c not in other]
+            raise DataError(
+                f"the {name} split's classes differ from the training split's "
+                f"({len(other)} vs {known}, e.g. {extra[0] if extra else 'another order'!r}): "
+                "the same label would mean different classes"
+            )
+    splits = [("training", targets)] + [(name, get_targets(ds)) for name, ds in evalsets]
+    for name, labels in splits:
+        bad = [v for v in labels if not 0 <= v < n]
+        if bad:
+            raise DataError(
+                f"the {name} split has {len(bad)} label(s) outside [0, {n}) (e.g. {bad[0]}), "
+                f"the class count set by {why}"
+            )
+    return n
 
 
 def get_class_names(ds: Dataset, num_classes: int) -> list[str]:

@@ -22,6 +22,7 @@ is deterministic. A deliberate difference from the official code.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import warnings
@@ -194,7 +195,8 @@ def true_class_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def channel_grad(g: torch.Tensor, mode: str, act: torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce a gradient [B, C, (H, W)] to per-channel mass [B, C] (positive part or magnitude).
+    """Reduce a gradient [B, C, *positions] to per-channel mass [B, C] (positive part or
+    magnitude). Pass channels-first tensors (:meth:`LayerRef.channels_first`).
 
     With ``act`` given, only positions where the activation is positive count (the lab fork's
     best variant: gradient gated by positive activation).
@@ -280,7 +282,9 @@ def diagnose(
 ) -> Diagnosis:
     """Diagnose ``model`` on the images of ``loader`` (use the TRAINING split, eval transforms).
 
-    ``loader`` yields ``(images, targets, ...)``. With an ``accelerator`` each rank's loader
+    ``loader`` yields ``(images, targets, ...)``. Layer specs are resolved at the size of the
+    first batch's images unless ``input_size`` is given (a spec such as ``last_conv`` can pick
+    another layer at another size). With an ``accelerator`` each rank's loader
     should hold its own shard of the images, each image on exactly one rank (see
     :func:`shard_dataset`; a prepared loader pads with repeats), and the per-rank buffers are
     gathered so every rank gets the same result. Images are ranked by the true class's float64
@@ -299,6 +303,12 @@ def diagnose(
         num_classes = getattr(model, "num_classes", None)
         if not num_classes:
             raise ConfigError("num_classes is required for this model")
+    batches = iter(loader)
+    first = next(batches, None)
+    if first is not None:
+        batches = itertools.chain([first], batches)
+        if input_size is None and isinstance(first[0], torch.Tensor):
+            input_size = tuple(first[0].shape[1:])
     if isinstance(layers, str) or (layers and isinstance(next(iter(layers)), str)):
         refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
     else:
@@ -315,11 +325,12 @@ def diagnose(
     rank = getattr(accelerator, "process_index", 0) if accelerator is not None else 0
     try:
         with FeatureCapture(model, refs, graph_from_first=True) as cap:
-            it = loader
+            it = batches
             if progress:
                 from tqdm.auto import tqdm
 
-                it = tqdm(loader, desc="diagnose", leave=False, dynamic_ncols=True)
+                total = len(loader) if hasattr(loader, "__len__") else None
+                it = tqdm(batches, desc="diagnose", leave=False, dynamic_ncols=True, total=total)
             for batch in it:
                 x, y = batch[0].to(device), batch[1].to(device)
                 with torch.no_grad():  # recording starts at the first target layer
@@ -334,8 +345,12 @@ def diagnose(
                     key = true_class_log_odds(logits, y)
                     index = rank + world * (seen + torch.arange(len(y), device=y.device))
                     vecs = [
-                        channel_grad(g, grad_mode, a if gate_activation else None)[ok].cpu()
-                        for g, a in zip(grads, feats)
+                        channel_grad(
+                            r.channels_first(g),
+                            grad_mode,
+                            r.channels_first(a) if gate_activation else None,
+                        )[ok].cpu()
+                        for r, g, a in zip(refs, grads, feats)
                     ]
                     buf.add(y[ok].cpu(), key[ok].cpu(), index[ok].cpu(), vecs)
                 seen += len(y)
@@ -381,6 +396,7 @@ def diagnose(
         topk=topk,
         images_seen=seen,
         rank_by="log_odds_fp64",
+        input_size=list(input_size) if input_size is not None else None,
     )
     _logger.debug("diagnosed %d images, %d used", seen, int(counts.sum()))
     return Diagnosis(out, counts, model_fingerprint(model, refs), options)

@@ -11,6 +11,10 @@ Design choices, each from a measured trap (docs in timm-accelerate-notes §3, §
 - ``graph_from_first=True`` (diagnosis): run the forward under ``torch.no_grad()``; the first
   target layer's output becomes a new leaf and recording starts there, so nothing below the
   targets is kept for backward (no parameter gradients are needed to diagnose).
+- ``train_only=True`` (treatment): nothing is captured while the model (the root module) is in
+  eval mode (no clone, nothing kept), so evaluation does not pay for the hooks.
+- The hooks are closures, not bound methods: ``copy.deepcopy(model)`` (timm's ModelEmaV3) then
+  copies no capture state; :meth:`FeatureCapture.strip` removes them from such a copy.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class FeatureCapture:
         layers: Sequence[LayerRef],
         clone: bool = True,
         graph_from_first: bool = False,
+        train_only: bool = False,
     ):
         if os.environ.get("TIMM_REENTRANT_CKPT", "0") not in ("", "0"):
             raise ConfigError(
@@ -46,18 +51,27 @@ class FeatureCapture:
         self.layers = list(layers)
         self.clone = clone
         self.graph_from_first = graph_from_first
+        self.train_only = train_only
         self.enabled = True
         self._features: dict[str, torch.Tensor] = {}
-        self._handles = [model.register_forward_pre_hook(self._reset)]
+        self._skipped_eval = False
+        self._active = True
+
+        def reset(mod, _inp) -> None:
+            self._features = {}
+            self._skipped_eval = False
+            self._active = mod.training or not self.train_only
+
+        self._handles = [model.register_forward_pre_hook(reset)]
         for ref in self.layers:
             self._handles.append(ref.module.register_forward_hook(self._make_hook(ref.name)))
 
-    def _reset(self, _mod, _inp) -> None:
-        self._features = {}
-
     def _make_hook(self, name: str):
-        def hook(_mod, _inp, out):
+        def hook(mod, _inp, out):
             if not self.enabled or name in self._features or not isinstance(out, torch.Tensor):
+                return None
+            if not self._active:
+                self._skipped_eval = True
                 return None
             if self.graph_from_first and not torch.is_grad_enabled():
                 # the first target of a no_grad forward: start the graph here (restored to
@@ -72,6 +86,12 @@ class FeatureCapture:
     def features(self) -> list[torch.Tensor]:
         """The captured outputs, in layer order; raises if a layer did not run."""
         missing = [ref.name for ref in self.layers if ref.name not in self._features]
+        if missing and self._skipped_eval:
+            raise RuntimeError(
+                f"target layer(s) {missing} were not captured: the model ran in eval mode and "
+                "Model Doctor captures only in training mode (call model.train(), or pass "
+                "capture_eval=True)"
+            )
         if missing:
             raise RuntimeError(
                 f"target layer(s) {missing} did not run in the last forward pass (hooks on "
@@ -81,6 +101,14 @@ class FeatureCapture:
 
     def clear(self) -> None:
         self._features = {}
+
+    def strip(self, copy: nn.Module) -> None:
+        """Remove these hooks from a deep copy of the model (e.g. an EMA model)."""
+        ids = {h.id for h in self._handles}
+        for m in copy.modules():
+            for hooks in (m._forward_hooks, m._forward_pre_hooks):
+                for i in ids & set(hooks):
+                    del hooks[i]
 
     def remove(self) -> None:
         for h in self._handles:

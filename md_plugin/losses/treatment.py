@@ -43,6 +43,16 @@ gradient is computed, so every arm of an experiment logs the same statistics. ``
 with alpha = 0 (and no spatial term) computes all of them without building a double-backward
 graph and adds nothing to the loss: what the penalty would have been, for a control run.
 
+Layers whose output is NHWC (convnext ``mlp.fc2``/``norm``, swin) or ``[B, N, C]`` tokens (ViT,
+DeiT) are reduced over their real channel axis (:class:`~md_plugin.layers.LayerRef`); tokens are
+the spatial positions, and the spatial term uses the patch tokens on their grid (class/register
+tokens have no position and no background).
+
+Soft targets ([B, K] rows from mixup/cutmix, label smoothing or BCE targets): both terms use each
+sample's *dominant* label, the argmax of its row (under mixup/cutmix the class of the image that
+covers more of the mix; an exact 50/50 tie goes to the lower class index). The confusing class is
+then chosen against that label as above.
+
 Gradients for every layer come from one ``autograd.grad`` call per class term (true, confusing),
 and the spatial term reuses G(y). ``batched=True`` gets both class terms from a single vmapped
 call (``is_grads_batched``); on CPU it measured slower than two plain calls
@@ -57,6 +67,7 @@ step index before each forward pass; ``every=1`` (the default) is exactly the pe
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 
@@ -76,6 +87,8 @@ __all__ = [
     "irrelevant_share",
     "resize_mask",
 ]
+
+_logger = logging.getLogger(__name__)
 
 MD_LOSSES = ("official", "true_only", "share")
 
@@ -104,7 +117,15 @@ def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class ModelDoctor:
-    """Channel (and spatial) gradient penalties for the layers of a :class:`Diagnosis`."""
+    """Channel (and spatial) gradient penalties for the layers of a :class:`Diagnosis`.
+
+    The target layers are the diagnosis's, traced at ``input_size``; when it is not given, at the
+    size recorded in the diagnosis, and again at the first training batch's size if that differs
+    (without either, the layers are bound at the first forward pass). Hooks capture only while
+    the model is in training mode, so evaluation does not pay for them (``capture_eval=True``
+    captures in eval mode too). timm's fused attention, which has no double backward, is switched
+    off while the doctor is attached (one log line) and restored by :meth:`remove`.
+    """
 
     def __init__(
         self,
@@ -122,6 +143,7 @@ class ModelDoctor:
         loss_kind: str = "official",
         monitor: bool = False,
         every: int = 1,
+        capture_eval: bool = False,
     ):
         if alpha < 0 or beta < 0:
             raise ConfigError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
@@ -148,17 +170,71 @@ class ModelDoctor:
         self.monitor = bool(monitor)
         self.every = every
         self._due: bool | None = None  # set by begin_step; None: never called
-        self.layers: list[LayerRef] = resolve_layers(model, diagnosis.layer_names, input_size)
-        diagnosis.check_compatible(model, self.layers, num_classes or diagnosis.num_classes)
-        p = next(model.parameters())
+        self.num_classes = num_classes or diagnosis.num_classes
+        self.capture_eval = capture_eval
+        self.layers: list[LayerRef] = []
+        self.masks: list[torch.Tensor] = []
+        self.capture: FeatureCapture | None = None
+        self._size: tuple[int, ...] | None = None
+        self._first: torch.utils.hooks.RemovableHandle | None = None
+        self._attn_restore: list[nn.Module] = []
+        recorded = diagnosis.options.get("input_size")
+        size = input_size if input_size is not None else recorded
+        if size is not None:
+            self._bind(tuple(size))
+        if input_size is None:  # (re)bind at the size the training data has
+
+            def first(mod: nn.Module, args: tuple) -> None:  # a closure: deepcopy-safe
+                self._bind_first(mod, args)
+
+            self._first = model.register_forward_pre_hook(first)
+        if self.active:
+            self._disable_fused_attention()
+
+    # -- binding the target layers ------------------------------------------------------------
+    def _bind(self, size: tuple[int, ...]) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+        self.layers = resolve_layers(self.model, self.diagnosis.layer_names, size)
+        self.diagnosis.check_compatible(self.model, self.layers, self.num_classes)
+        p = next(self.model.parameters())
         # relevant-channel masks as float [K, C] on the model's device
         dtype = torch.promote_types(p.dtype, torch.float32)
-        self.masks = [diagnosis.layers[r.name].masks.to(p.device, dtype) for r in self.layers]
+        self.masks = [self.diagnosis.layers[r.name].masks.to(p.device, dtype) for r in self.layers]
         if self.beta > 0 and not any(r.spatial for r in self.layers):
             warnings.warn(
-                "beta > 0 but no target layer has a spatial map: no spatial loss", stacklevel=2
+                "beta > 0 but no target layer has a spatial map: no spatial loss", stacklevel=3
             )
-        self.capture = FeatureCapture(model, self.layers)
+        self.capture = FeatureCapture(self.model, self.layers, train_only=not self.capture_eval)
+        self.capture.enabled = self._due is not False  # every > 1: idle on steps not due
+        self._size = size
+
+    def _bind_first(self, _mod: nn.Module, args: tuple) -> None:
+        """One-shot forward pre-hook: trace at the first batch's size if it differs."""
+        if not self.model.training and self.capture is not None:
+            return  # an evaluation pass before training: wait for a training batch
+        if self._first is not None:
+            self._first.remove()
+            self._first = None
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) != self._size:
+            self._bind(tuple(x.shape[1:]))
+
+    def _disable_fused_attention(self) -> None:
+        """Fused scaled-dot-product attention has no double backward (CPU flash kernel: "derivative
+        for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), so
+        timm's attention modules use their explicit softmax path while the doctor is attached."""
+        mods = [m for m in self.model.modules() if getattr(m, "fused_attn", False) is True]
+        for m in mods:
+            m.fused_attn = False
+        if mods:
+            _logger.info(
+                "Model Doctor: switched timm's fused attention off in %d module(s) (no double "
+                "backward through scaled_dot_product_attention)",
+                len(mods),
+            )
+        self._attn_restore = mods
 
     @property
     def active(self) -> bool:
@@ -170,8 +246,49 @@ class ModelDoctor:
         """True when :meth:`loss` has work to do: training, or monitoring the channel term."""
         return self.active or self.monitor
 
+    def strip(self, copy: nn.Module) -> None:
+        """Remove this doctor's hooks from a deep copy of the model (e.g. an EMA model)."""
+        if self.capture is not None:
+            self.capture.strip(copy)
+        if self._first is not None:
+            for m in copy.modules():
+                m._forward_pre_hooks.pop(self._first.id, None)
+
     def remove(self) -> None:
-        self.capture.remove()
+        """Remove the hooks and restore fused attention."""
+        if self.capture is not None:
+            self.capture.remove()
+        if self._first is not None:
+            self._first.remove()
+            self._first = None
+        for m in self._attn_restore:
+            m.fused_attn = True
+        self._attn_restore = []
+
+    def hard_targets(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Class indices [B] from hard labels [B] or soft targets [B, K] (dominant label)."""
+        b, k = logits.shape
+        if targets.dim() == 2:
+            if tuple(targets.shape) != (b, k):
+                raise ConfigError(
+                    f"soft targets must be [batch, classes] = {[b, k]} like the logits, "
+                    f"got {list(targets.shape)}"
+                )
+            return targets.argmax(1)
+        if targets.dim() != 1 or targets.shape[0] != b:
+            raise ConfigError(
+                f"targets must be class indices [{b}] or soft targets [{b}, {k}], "
+                f"got shape {list(targets.shape)}"
+            )
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ConfigError(f"class-index targets must be integers, got {targets.dtype}")
+        # one host read per call (a sync on a GPU), not two: min and max reduced together
+        if b and bool(((targets < 0) | (targets >= k)).any()):
+            raise ConfigError(
+                f"target labels must be in [0, {k - 1}] for {k} logits, got "
+                f"[{int(targets.min())}, {int(targets.max())}]"
+            )
+        return targets
 
     def is_due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) carries the penalty: ``step % every == 0``."""
@@ -188,7 +305,8 @@ class ModelDoctor:
         returns the terms with alpha and beta multiplied by ``every``.
         """
         self._due = self.is_due(int(step))
-        self.capture.enabled = self._due
+        if self.capture is not None:
+            self.capture.enabled = self._due
         return self._due
 
     def loss(
@@ -201,9 +319,11 @@ class ModelDoctor:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Model Doctor loss for the last forward pass: ``(alpha*L_channel + beta*L_spatial, parts)``.
 
-        ``fg_masks`` [B, 1, h, w] (1 = object) and ``has_mask`` [B] bool enable the spatial term.
-        ``grad_scale`` is the fp16 loss scale: the cotangents are scaled before ``autograd.grad``
-        and the gradients unscaled after, as in PyTorch's AMP gradient-penalty recipe.
+        ``targets`` are class indices [B] or soft targets [B, K] (each sample's dominant label is
+        used, see the module docstring). ``fg_masks`` [B, 1, h, w] (1 = object) and ``has_mask``
+        [B] bool enable the spatial term. ``grad_scale`` is the fp16 loss scale: the cotangents
+        are scaled before ``autograd.grad`` and the gradients unscaled after, as in PyTorch's
+        AMP gradient-penalty recipe.
         With ``every > 1`` the weights are ``every * alpha`` and ``every * beta`` on the steps
         :meth:`begin_step` found due, and the loss is zero on the others; ``parts`` are the
         unweighted terms either way.
@@ -212,6 +332,11 @@ class ModelDoctor:
         self._acc_dtype = torch.promote_types(logits.dtype, torch.float32)
         zero = logits.new_zeros((), dtype=self._acc_dtype)
         parts = {"md_channel": zero.detach(), "md_spatial": zero.detach()}
+        if self.capture is None:
+            raise RuntimeError("ModelDoctor.loss called before any forward pass of the model")
+        targets = self.hard_targets(logits, targets)
+        if self.masks and self.masks[0].device != logits.device:  # the model moved since
+            self.masks = [m.to(logits.device) for m in self.masks]
         if self.every > 1:
             if self._due is None:
                 raise ConfigError(
@@ -261,7 +386,7 @@ class ModelDoctor:
                 ch, irr_mass, irr_share = zero, zero, zero
                 for i, m in enumerate(self.masks):
                     if g_true:
-                        pos = self._reduce(g_true[i], inv)
+                        pos = self._reduce(self.layers[i].channels_first(g_true[i]), inv)
                         irrelevant = 1.0 - m[targets]
                         mass = (pos * irrelevant).sum(1).mean()
                         share = irrelevant_share(pos, irrelevant).mean()
@@ -271,7 +396,7 @@ class ModelDoctor:
                         elif self.true_term:
                             ch = ch + mass
                     if g_conf:
-                        pos = self._reduce(g_conf[i], inv)
+                        pos = self._reduce(self.layers[i].channels_first(g_conf[i]), inv)
                         ch = ch + (pos * m[t_conf]).sum(1).mean()
             parts["md_channel"] = ch.detach()
             if g_true:
@@ -282,8 +407,9 @@ class ModelDoctor:
         if use_spatial:
             sp = zero
             hm = has_mask.to(logits.device, self._acc_dtype)
-            for g in g_true:
-                if g.dim() != 4:
+            for ref, g in zip(self.layers, g_true):
+                g = ref.spatial_map(g)
+                if g is None:
                     continue
                 bg = 1.0 - resize_mask(fg_masks.to(g.device, self._acc_dtype), g.shape[-2:])
                 per_s = (bg * g.to(self._acc_dtype).abs() * inv).flatten(1).sum(1)

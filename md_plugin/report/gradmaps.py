@@ -6,7 +6,7 @@ The diagnosis summarises gradients per channel; these maps keep the spatial layo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ def spatial_gradient_maps(
     images: torch.Tensor,
     targets: torch.Tensor | Sequence[int],
     normalize: str = "max",
+    to_map: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> np.ndarray:
     """Per-sample map [N, H, W] of the target logit's positive gradient at ``module``.
 
@@ -40,6 +41,9 @@ def spatial_gradient_maps(
     interact and one backward pass of the *sum* of target logits yields every sample's own
     gradient exactly. Train/eval flags of every submodule are restored afterwards and the
     temporary hook is always removed. Batch the calls yourself for large N.
+
+    ``to_map`` turns the module's output layout into [N, C, H, W] (``LayerRef.spatial_map``:
+    NHWC maps and [N, L, C] tokens); without it the output must already be NCHW.
     """
     if normalize not in ("max", "none"):
         raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
@@ -58,7 +62,7 @@ def spatial_gradient_maps(
     captured: list[torch.Tensor] = []
 
     def hook(_mod: nn.Module, _inp: object, out: object) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        if not isinstance(out, torch.Tensor) or (to_map is None and out.ndim != 4):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"spatial gradient maps need a 4-D [N, C, H, W] output from the chosen layer, "
@@ -88,6 +92,10 @@ def spatial_gradient_maps(
                 )
             picked = logits.gather(1, targets[:, None]).sum()
             (grad,) = torch.autograd.grad(picked, captured[0])
+            if to_map is not None:
+                grad = to_map(grad)
+                if grad is None:
+                    raise ValueError("the chosen layer's output has no spatial grid")
     finally:
         handle.remove()
         for m, was_training in modes:

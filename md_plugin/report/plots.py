@@ -430,7 +430,7 @@ def plot_gradient_overlays(
     mass = [m.reshape(n, -1).sum(1) for _, m in raw]
 
     cols = 1 + len(up) + (diff is not None)
-    fig = Figure(figsize=(2.3 * cols + 1.6, 2.3 * max(n, 1) + 0.7), layout="constrained")
+    fig = Figure(figsize=(2.3 * cols + 0.6, 2.3 * max(n, 1) + 1.5), layout="constrained")
     axes = fig.subplots(max(n, 1), cols, squeeze=False)
     im_map = None
     for i in range(n):
@@ -460,14 +460,18 @@ def plot_gradient_overlays(
         fig.colorbar(
             ScalarMappable(Normalize(0, vmax), cmap=im_map.cmap if im_map else "magma"),
             ax=axes[:, 1 : 1 + len(up)].ravel().tolist(),
-            shrink=0.6,
-            label=f"share of the map's gradient per cell\n(clipped at the {percentile:g}th pct)",
+            location="bottom",
+            shrink=0.8,
+            aspect=30,
+            label=f"share of the map's gradient per cell (clipped at the {percentile:g}th pct)",
         )
         if diff is not None:
             fig.colorbar(
                 ScalarMappable(Normalize(-dlim, dlim), cmap="RdBu_r"),
                 ax=axes[:, -1].tolist(),
-                shrink=0.6,
+                location="bottom",
+                shrink=0.9,
+                aspect=15,
                 label="change in share",
             )
     return _save(fig, path)

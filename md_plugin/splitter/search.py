@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -275,6 +276,7 @@ def run_search(
                    dynamic_ncols=True)  # fmt: skip
     try:
         for gen in range(state["generation"], cfg.generations):
+            t0 = time.perf_counter()
             own = np.empty((n, cfg.population, len(y)), dtype=np.float32)
             kernels = []
             new_cache = {}
@@ -307,10 +309,12 @@ def run_search(
                 state["best"] = dict(generation=gen, val_fitness=val_fit, acc=acc, div=div,
                                      genes=genes)  # fmt: skip
             state["acc_prev"] = acc
+            rec["seconds"] = round(time.perf_counter() - t0, 2)
             log(
                 f"gen {gen + 1}/{cfg.generations}: composed acc {100 * acc:.2f}% diversity "
                 f"{100 * div:.2f}% kernels kept {100 * kept:.1f}% (best gen "
-                f"{state['best']['generation'] + 1}: {100 * state['best']['acc']:.2f}%)"
+                f"{state['best']['generation'] + 1}: {100 * state['best']['acc']:.2f}%) "
+                f"{rec['seconds']:.1f} s"
             )
             pops = np.stack([next_population(pops[c], fitness[c], cfg, rng) for c in range(n)])
             state["pops"] = pops

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_write_text
 from .checkpoint import CheckpointManager
 from .engine import TrainState
 
@@ -24,10 +24,9 @@ __all__ = ["RunContext", "Summary", "atomic_text"]
 
 
 def atomic_text(path: Path, text: str) -> None:
-    """Write a text file under a temporary name, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a text file like a checkpoint (unique temp name, fsync, rename; mode 0666 - umask):
+    a kill never leaves half a file and two writers never share a temp file."""
+    atomic_write_text(path, text)
 
 
 class Summary:
@@ -68,6 +67,9 @@ class RunContext:
     class_names: list[str] = field(default_factory=list)
     val_is_test: bool = False  # torchvision CIFAR: the "validation" split is the test set
     out_dir: Path = Path()
+    lock: Any = None  # md_plugin.train.rundir.RunDirLock held by the main process for the run
+    phase_at_start: str | None = None  # run_state.json's phase when this process started
+    finished: bool = False  # --resume of a run that already finished
 
     # build_model_and_task: model, transforms, loaders, optimizer, schedule, loss, EMA
     model: torch.nn.Module | None = None  # as prepared by accelerate (maybe DDP-wrapped)

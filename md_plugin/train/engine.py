@@ -342,8 +342,7 @@ def _bad_step(state: TrainState, args, epoch: int, step: int, what: str, acceler
         if args.amp and args.amp_dtype == "float16":
             causes.append("fp16 overflow (try --amp-dtype bfloat16)")
         raise TrainingAborted(
-            f"{state.bad_steps} consecutive non-finite steps ({what}); likely: {'; '.join(causes)}. "
-            "The last good checkpoint is kept."
+            f"{state.bad_steps} consecutive non-finite steps ({what}); likely: {'; '.join(causes)}."
         )
 
 

@@ -45,13 +45,19 @@ def main(args: argparse.Namespace, *, _nested: bool = False) -> dict[str, Any]:
 def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
     """The phases, top to bottom; each reads and fills the same context."""
     ctx = phases.create_context(args, nested)  # accelerator, logging, seed
-    phases.build_data(ctx)  # datasets, class counts, output folder path
-    phases.train_baseline(ctx)  # --md --md-baseline-epochs: nested plain run first
-    phases.build_model_and_task(ctx)  # model, run files, loaders, optimizer, schedule, loss, EMA
-    phases.resume(ctx)  # --resume
-    phases.diagnose(ctx)  # --md: diagnosis and treatment losses
-    phases.train(ctx)  # epochs: train, evaluate, summary, checkpoints
-    return phases.report(ctx)  # best metric, before/after, report; ends the run
+    try:
+        phases.build_data(ctx)  # datasets, labels, output folder: locked, fresh or continued
+        if ctx.finished:  # --resume of a finished run
+            return phases.already_finished(ctx)
+        phases.train_baseline(ctx)  # --md --md-baseline-epochs: nested plain run first
+        phases.build_model_and_task(ctx)  # model, run files, loaders, optimizer, schedule, ...
+        phases.resume(ctx)  # --resume
+        phases.diagnose(ctx)  # --md: diagnosis and treatment losses
+        phases.train(ctx)  # epochs: train, evaluate, summary, checkpoints
+        return phases.report(ctx)  # best metric, before/after, report; ends the run
+    finally:
+        if ctx.lock is not None:
+            ctx.lock.release()
 
 
 def _one_line(e: BaseException) -> str:

@@ -35,10 +35,11 @@ import yaml
 
 from ..errors import ConfigError, MDError
 from .args import args_to_yaml_dict
-from .checkpoint import CheckpointManager, atomic_save, load_checkpoint_file, load_weights
+from .checkpoint import CheckpointManager, load_checkpoint_file, load_weights
 from .context import RunContext, Summary, atomic_text
-from .engine import TrainState, evaluate, train_one_epoch
+from .engine import TrainingAborted, TrainState, evaluate, train_one_epoch
 from .recipe import set_mixup_epoch
+from .rundir import advance_phase, changed_settings, read_phase
 
 __all__ = [
     "create_accelerator",
@@ -193,18 +194,105 @@ def _lr(args: argparse.Namespace, world: int) -> float:
 
 def _output_dir(args: argparse.Namespace) -> Path:
     if args.resume and not args.output and not args.experiment:
-        return Path(args.resume).resolve().parent
+        return _run_dir_of(Path(args.resume))
     root = Path(args.output or "./output/train")
     name = args.experiment or "-".join(
         [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
     )
-    out = root / name
-    if not args.resume and (out / "summary.csv").exists():
+    return root / name
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run a ``--resume`` path belongs to: a run folder itself, a checkpoint's folder, or
+    for the quickstart's ``<run>/baseline/...`` the run around the baseline."""
+    path = path.resolve()
+    folder = path if path.is_dir() else path.parent
+    if folder.name == "baseline" and read_phase(folder.parent) is not None:
+        return folder.parent
+    return folder
+
+
+def _lock_run_dir(ctx: RunContext) -> None:
+    """Create the run folder and take its lock (main process); every rank stops on failure."""
+    from .rundir import RunDirLock, prepare_run_dir
+
+    err: str | None = None
+    if ctx.is_main:
+        try:
+            prepare_run_dir(ctx.out_dir)
+            ctx.lock = RunDirLock(ctx.out_dir).acquire()
+            took = ctx.lock.describe_takeover()
+            if took:
+                _logger.warning("%s: %s", ctx.out_dir, took)
+        except MDError as e:
+            if ctx.acc.num_processes == 1:
+                raise
+            err = str(e)
+    if ctx.acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [err]
+        broadcast_object_list(box)
+        err = box[0]
+    if err:
+        raise MDError(err)
+
+
+def _plan_run(ctx: RunContext) -> None:
+    """Fresh run, continuation of an unfinished one, or refusal; under the run folder's lock.
+
+    The same command again continues an unfinished run (its settings must match args.yaml);
+    ``--resume`` continues from ``last.pth.tar`` (or from a run folder, or from the quickstart's
+    baseline checkpoint, which means "continue the run around it"). A finished run is refused
+    without ``--resume`` and reported as finished with it.
+    """
+    args, out = ctx.args, ctx.out_dir
+    phase = read_phase(out)
+    last = out / "last.pth.tar"
+    ctx.phase_at_start = phase
+    if args.resume:
+        given = Path(args.resume).resolve()
+        in_baseline = given.parent.name == "baseline" and given.parent.parent == out.resolve()
+        if given.is_dir() or in_baseline:  # a run folder, or the quickstart baseline's file
+            if not last.is_file() and phase is None:
+                raise MDError(f"nothing to resume in {out}: no last.pth.tar and no run state")
+            args.resume = str(last) if last.is_file() else ""
+        ctx.finished = phase == "done"
+        return
+    if phase is None:
+        if (out / "summary.csv").exists():
+            raise ConfigError(
+                f"{out} already holds a run (summary.csv); resume it with --resume {last} "
+                "or choose another --experiment"
+            )
+        return
+    if phase == "done":
         raise ConfigError(
-            f"{out} already holds a run (summary.csv); resume it with --resume {out / 'last.pth.tar'} "
-            "or choose another --experiment"
+            f"{out} already holds a run (finished); choose another --experiment "
+            f"(--resume {out} only reports it finished)"
         )
-    return out
+    changed = changed_settings(out, args)
+    if changed:
+        raise ConfigError(
+            f"{out} holds an unfinished run with other settings ({', '.join(changed[:6])}); "
+            f"continue it with --resume {out} or choose another --experiment"
+        )
+    args.resume = str(last) if last.is_file() else ""
+    if ctx.is_main:
+        _logger.info("continuing the unfinished run in %s (it stopped during %s)", out, phase)
+
+
+def already_finished(ctx: RunContext) -> dict[str, Any]:
+    """``--resume`` of a finished run: say so and do nothing."""
+    if ctx.is_main:
+        _logger.info(
+            "%s: this run is already finished (summary.csv, last.pth.tar%s); nothing to do",
+            ctx.out_dir,
+            ", report/" if (ctx.out_dir / "report").is_dir() else "",
+        )
+    if not ctx.nested:
+        ctx.acc.end_training()
+    return {"out_dir": str(ctx.out_dir), "finished": True}
 
 
 def _install_signal_handlers(state: TrainState) -> None:
@@ -219,6 +307,19 @@ def _install_signal_handlers(state: TrainState) -> None:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. a notebook runner)
             pass
+
+
+def _image_hw(ds: Any, i: int) -> tuple[int, int]:
+    """(height, width) of image ``i``; a file dataset reads only the header."""
+    samples = getattr(ds, "samples", None)
+    if samples is not None:
+        from PIL import Image
+
+        with Image.open(samples[i][0]) as im:
+            w, h = im.size
+    else:
+        w, h = ds[i][0].size
+    return h, w
 
 
 def _append_per_class(path: Path, epoch: int, class_names: list[str], values: list[float]) -> None:
@@ -264,7 +365,7 @@ def save_checkpoint(
         "version": 2,
     }
     if partial is not None or partial_step:
-        atomic_save(ck, ctx.saver.out_dir / "last.pth.tar")
+        ctx.saver.save_partial(ck, epoch)
     else:
         ctx.saver.save(ck, epoch, metric)
     acc.wait_for_everyone()
@@ -286,7 +387,7 @@ def create_context(args: argparse.Namespace, nested: bool = False) -> RunContext
 
 def build_data(ctx: RunContext) -> None:
     """The untransformed datasets, class counts and names; checks that need only the data."""
-    from ..data.datasets import create_datasets, get_class_names, get_targets
+    from ..data.datasets import create_datasets, get_class_names, get_targets, resolve_num_classes
 
     args = ctx.args
     ds_kw = dict(
@@ -301,9 +402,15 @@ def build_data(ctx: RunContext) -> None:
     ctx.train_base, ctx.val_base, ctx.test_base = splits.train, splits.val, splits.test
     ctx.data_info = splits.info
     ctx.targets = targets = get_targets(ctx.train_base)
-    ctx.num_classes = args.num_classes or (max(targets) + 1 if targets else 0)
     if len(ctx.train_base) == 0:
         raise MDError("the training set is empty")
+    # every label of both splits against the class count, before any training
+    evalsets = [("validation", ctx.val_base)]
+    if ctx.test_base is not None:
+        evalsets.append(("test", ctx.test_base))
+    ctx.num_classes = resolve_num_classes(
+        ctx.train_base, evalsets, args.num_classes, train_targets=targets
+    )
     ctx.counts = torch.bincount(torch.tensor(targets), minlength=ctx.num_classes).tolist()
     ctx.class_names = get_class_names(ctx.train_base, ctx.num_classes)
     if ctx.is_main:
@@ -334,7 +441,9 @@ def build_data(ctx: RunContext) -> None:
         raise ConfigError(
             f"--batch-size {args.batch_size} is larger than the training set ({len(ctx.train_base)} images)"
         )
-    ctx.out_dir = _output_dir(args)  # refuses an existing run before anything is trained
+    ctx.out_dir = _output_dir(args)
+    _lock_run_dir(ctx)  # a second run on the same folder stops here
+    _plan_run(ctx)  # refuses a finished run, continues an unfinished one, before any work
 
 
 def train_baseline(ctx: RunContext) -> None:
@@ -352,6 +461,14 @@ def train_baseline(ctx: RunContext) -> None:
         args.md and args.md_baseline_epochs and not args.initial_checkpoint and not args.resume
     ):
         return
+    base_dir = ctx.out_dir / "baseline"
+    if read_phase(base_dir) == "done":  # finished before an interruption: reuse it
+        args.initial_checkpoint = str(base_dir / "last.pth.tar")
+        if ctx.is_main:
+            _logger.info("baseline: reusing the finished %s", args.initial_checkpoint)
+        return
+    if ctx.is_main:
+        advance_phase(ctx.out_dir, "baseline")
     base_args = copy.deepcopy(args)
     base_args.md = False
     base_args.epochs = args.md_baseline_epochs
@@ -362,7 +479,7 @@ def train_baseline(ctx: RunContext) -> None:
         _logger.info("== baseline: %d plain epochs before diagnosis ==", args.md_baseline_epochs)
     ctx.acc.free_memory()
     main(base_args, _nested=True)  # shares this process group: must not end it
-    args.initial_checkpoint = str(ctx.out_dir / "baseline" / "last.pth.tar")
+    args.initial_checkpoint = str(base_dir / "last.pth.tar")
     set_seed(args.seed)
 
 
@@ -400,8 +517,21 @@ def build_model_and_task(ctx: RunContext) -> None:
     if args.md_masks:
         from ..annotate.mask_store import load_masks
 
-        w, h = ctx.train_base[0][0].size
-        masks = load_masks(args.md_masks, dataset_size=len(ctx.train_base), image_size=(h, w))
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            masks = load_masks(
+                args.md_masks,
+                dataset_size=len(ctx.train_base),
+                image_size=lambda i: _image_hw(ctx.train_base, i),  # each image's own size
+            )
+        if args.md and args.md_beta > 0 and not masks:
+            why = f" ({len(skipped)} skipped, e.g. {skipped[0].message})" if skipped else ""
+            raise ConfigError(
+                f"--md-beta {args.md_beta} needs foreground masks, but no mask in {args.md_masks} "
+                f"fits the training images{why}: the spatial term would be off"
+            )
+        for w in skipped:  # not an error: pass the per-file reasons on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if ctx.is_main:
             _logger.info(
                 "foreground masks: %d of %d training images", len(masks), len(ctx.train_base)
@@ -410,8 +540,7 @@ def build_model_and_task(ctx: RunContext) -> None:
     val_ds = TransformedDataset(ctx.val_base, ctx.eval_tf)
 
     # ---- output folder ------------------------------------------------------------------------
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # the folder was made (and locked) by build_data
         atomic_text(out_dir / "args.yaml", yaml.safe_dump(args_to_yaml_dict(args), sort_keys=False))
         atomic_text(
             out_dir / "train_counts.json",
@@ -484,6 +613,13 @@ def resume(ctx: RunContext) -> None:
                 f"{args.resume} is not a train_md.py training checkpoint (no epoch/state)"
             )
         load_weights(ctx.unwrapped, args.resume)
+        old_sched = (ck.get("args") or {}).get("sched")
+        if not args.no_resume_opt and old_sched is not None and old_sched != args.sched:
+            raise ConfigError(
+                f"{args.resume} was trained with --sched {old_sched}, not {args.sched}: resuming "
+                "would load one schedule's state into another; use the same --sched, or "
+                "--no-resume-opt to start a new schedule from its weights"
+            )
         if not args.no_resume_opt:
             if not isinstance(ck.get("optimizer"), dict) or not isinstance(
                 ck.get("scheduler"), dict
@@ -513,6 +649,7 @@ def resume(ctx: RunContext) -> None:
             if int(r["epoch"]) < ck["epoch"] + (0 if is_partial else 1)
         ]
         ctx.state.num_updates = ck.get("num_updates", 0)
+        ctx.saver.last_epoch, ctx.saver.last_partial = int(ck["epoch"]), is_partial
         ctx.before = ck.get("before")
         if is_partial:
             ctx.start_epoch, ctx.skip_batches = ck["epoch"], int(ck.get("partial_step") or 0)
@@ -548,15 +685,19 @@ def diagnose(ctx: RunContext) -> None:
     from .tables import format_diagnosis_table
 
     args, acc, data_config = ctx.args, ctx.acc, ctx.data_config
-    if not (args.initial_checkpoint or args.pretrained or args.resume or args.md_diagnosis):
+    # a saved diagnosis does not make a random model trained: the check holds with it too
+    if not (args.initial_checkpoint or args.pretrained or args.resume):
         raise ConfigError(
             "Model Doctor treats a trained model: pass --initial-checkpoint (or --md-baseline-epochs N "
             "to train one first)"
         )
+    if ctx.is_main:
+        advance_phase(ctx.out_dir, "diagnosis")
     saved = ctx.out_dir / "diagnosis.safetensors"
+    continuing = ctx.phase_at_start in ("training", "report")
     if args.md_diagnosis:
-        diag = Diagnosis.load(args.md_diagnosis)
-    elif args.resume and saved.exists():
+        diag = _fit_diagnosis(ctx, Diagnosis.load(args.md_diagnosis), args.md_diagnosis)
+    elif (args.resume or continuing) and saved.exists():
         diag = Diagnosis.load(saved)
     else:
         split = args.md_diagnosis_split or args.train_split
@@ -568,6 +709,12 @@ def diagnose(ctx: RunContext) -> None:
                 )
             warnings.warn(
                 f"diagnosing on {split!r}: the evaluation set leaks into training", stacklevel=2
+            )
+        if args.val_from_train and split != args.train_split:
+            raise ConfigError(
+                f"--md-diagnosis-split {split!r} with --val-from-train: another split can hold the "
+                "held-out images (e.g. 'training' is the whole CIFAR training set); the diagnosis "
+                f"uses the training images left after the hold-out (--train-split {args.train_split!r})"
             )
         base = (
             ctx.train_base  # without the --val-from-train hold-out
@@ -632,10 +779,61 @@ def diagnose(ctx: RunContext) -> None:
     ctx.doctor = doctor
 
 
+def _fit_diagnosis(ctx: RunContext, diag: Any, path: str) -> Any:
+    """A ``--md-diagnosis`` file made to match this run's model, layers and mask options.
+
+    Another architecture is named as such; ``--md-layers`` must be among the diagnosis' layers
+    (only those are used); the run's mask rule/theta/topk are applied to the saved scores. A
+    mismatch is either applied (and logged) or an error, never silently dropped.
+    """
+    from ..doctor.diagnosis import Diagnosis, model_fingerprint
+    from ..layers import resolve_layers
+
+    args, model = ctx.args, ctx.unwrapped
+    mine = model_fingerprint(model, [])
+    if diag.fingerprint.get("params") != mine["params"]:
+        raise MDError(
+            "diagnosis was made for a model with different parameter shapes "
+            f"({diag.fingerprint.get('arch')!r}, this model is {mine['arch']!r}): {path}"
+        )
+    names = [r.name for r in resolve_layers(model, args.md_layers, ctx.data_config["input_size"])]
+    missing = [n for n in names if n not in diag.layers]
+    if missing:
+        raise ConfigError(
+            f"--md-layers {args.md_layers!r} is {', '.join(names)}, but the diagnosis {path} "
+            f"covers {', '.join(diag.layer_names)}: pass --md-layers {','.join(diag.layer_names)} "
+            "or diagnose again"
+        )
+    if names != diag.layer_names:
+        fp = dict(
+            diag.fingerprint, layers={n: diag.fingerprint.get("layers", {}).get(n) for n in names}
+        )
+        diag = Diagnosis({n: diag.layers[n] for n in names}, diag.counts, fp, diag.options)
+    opts = diag.options
+    want = (args.md_mask_rule, args.md_theta, args.md_topk)
+    if (opts.get("mask_rule"), opts.get("theta"), opts.get("topk")) != want:
+        diag = diag.remask(*want)
+        if ctx.is_main:
+            _logger.info(
+                "diagnosis %s: masks recomputed from its scores with --md-mask-rule %s "
+                "(theta %s, topk %s; the file used %s/%s/%s)",
+                path, *want, opts.get("mask_rule"), opts.get("theta"), opts.get("topk"),
+            )  # fmt: skip
+    return diag
+
+
 def train(ctx: RunContext) -> None:
     """The epochs: train, evaluate, log, summary.csv, per-class files and checkpoints."""
     _install_signal_handlers(ctx.state)
     args = ctx.args
+    if ctx.is_main:
+        advance_phase(ctx.out_dir, "training")
+        if ctx.start_epoch >= ctx.num_epochs:
+            _logger.info(
+                "nothing left to train: the checkpoint is at epoch %d of %d",
+                ctx.start_epoch,
+                ctx.num_epochs,
+            )
     show_eval = ctx.is_main and not args.no_progress and sys.stderr.isatty()
     if ctx.is_main:
         _logger.info(
@@ -648,7 +846,10 @@ def train(ctx: RunContext) -> None:
             ctx.out_dir,
         )
     for epoch in range(ctx.start_epoch, ctx.num_epochs):
-        train_m = _train_epoch(ctx, epoch)
+        try:
+            train_m = _train_epoch(ctx, epoch)
+        except TrainingAborted as e:  # name the checkpoint that is actually good (or none)
+            raise TrainingAborted(f"{e} {ctx.saver.last_good()}") from None
         ep_eval = _evaluate_epoch(ctx, epoch, show_eval)
         metric = ep_eval[args.eval_metric] if ep_eval else None
         _log_epoch(ctx, epoch, train_m, ep_eval)
@@ -691,9 +892,9 @@ def _train_epoch(ctx: RunContext, epoch: int) -> dict[str, float]:
             partial_step=state.extra.get("interrupted_step", 0),
             partial=state.extra.get("partial"),
         )
-        raise MDError(
-            f"interrupted: resumable checkpoint saved, continue with --resume {ctx.out_dir / 'last.pth.tar'}"
-        )
+        # the quickstart's baseline is continued through the run around it
+        where = ctx.out_dir.parent if ctx.nested else ctx.out_dir / "last.pth.tar"
+        raise MDError(f"interrupted: resumable checkpoint saved, continue with --resume {where}")
     if ctx.acc.num_processes > 1 and args.dist_bn:
         from timm.utils import distribute_bn
 
@@ -765,7 +966,16 @@ def report(ctx: RunContext) -> dict[str, Any]:
     The best epoch is logged 1-based, as the "Epoch N/M" lines count (summary.csv and
     ``best_per_class.json`` keep timm's 0-based ``epoch``).
     """
-    args, saver, eval_m = ctx.args, ctx.saver, ctx.eval_m
+    args, saver = ctx.args, ctx.saver
+    if ctx.is_main:
+        advance_phase(ctx.out_dir, "report")
+    if ctx.doctor is not None and ctx.before is not None and not ctx.eval_m:
+        # resumed after the last epoch (e.g. the report was interrupted): evaluate the final
+        # model again so the report can be rebuilt
+        ctx.doctor.capture.enabled = False
+        ctx.eval_m = evaluate(ctx.model, ctx.val_loader, ctx.acc, ctx.num_classes)
+        ctx.doctor.capture.enabled = True
+    eval_m = ctx.eval_m
     result = {
         "out_dir": str(ctx.out_dir),
         "top1": eval_m.get("top1"),
@@ -796,6 +1006,8 @@ def report(ctx: RunContext) -> dict[str, Any]:
         ctx.doctor.remove()
     if ctx.test_base is not None:
         result["test"] = _final_test(ctx)
+    if ctx.is_main:
+        advance_phase(ctx.out_dir, "done")
     ctx.acc.wait_for_everyone()
     if not ctx.nested:
         ctx.acc.end_training()

@@ -61,12 +61,16 @@ def build_report(
         kw["cm_after"] = np.asarray(torch.as_tensor(after["confusion"]))
     ref_model = model_before or model_after
     if dataset is not None and eval_transform is not None and ref_model is not None:
-        refs = [r for r in resolve_layers(ref_model, diagnosis.layer_names) if r.spatial]
+        idx = pick_samples(get_targets(dataset), diagnosis.num_classes)
+        imgs = [dataset[i][0] for i in idx]
+        labels = [int(dataset[i][1]) for i in idx]
+        x = torch.stack([eval_transform(im) for im in imgs])
+        refs = [
+            r
+            for r in resolve_layers(ref_model, diagnosis.layer_names, tuple(x.shape[1:]))
+            if r.spatial
+        ]
         if refs:
-            idx = pick_samples(get_targets(dataset), diagnosis.num_classes)
-            imgs = [dataset[i][0] for i in idx]
-            labels = [int(dataset[i][1]) for i in idx]
-            x = torch.stack([eval_transform(im) for im in imgs])
             h, w = x.shape[-2:]
             shown = np.stack(
                 [
@@ -79,7 +83,9 @@ def build_report(
                 if m is None:
                     return None
                 mod = dict(m.named_modules())[refs[0].name]
-                return spatial_gradient_maps(m, mod, x, labels, normalize="none")
+                return spatial_gradient_maps(
+                    m, mod, x, labels, normalize="none", to_map=refs[0].spatial_map
+                )
 
             kw["overlays"] = {
                 "images": shown,

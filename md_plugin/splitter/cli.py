@@ -1,0 +1,284 @@
+"""``md-doctor split``: importance, search, modules file and table, config-driven.
+
+    md-doctor split --model resnet20_cifar --checkpoint last.pth.tar --dataset torch/cifar10 \\
+        --data-dir DATA --val-from-train 5000 --classes 0 1 2 3 4 --experiment r20
+    md-doctor split -c configs/split_resnet20_cifar10.yaml --generations 40
+
+Like ``train_md.py``: ``-c FILE.yaml`` sets defaults (keys are the flags' destination names,
+unknown keys are errors naming the closest valid one), the command line wins, bad input is one
+line. The run folder ``<--output>/<--experiment>`` gets ``args.yaml``, ``search_state.pt``
+(rewritten atomically every generation), ``modules.safetensors``, ``modules.csv`` and
+``history.csv``. An existing folder is refused unless ``--resume`` continues its search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, MDError
+
+__all__ = ["create_split_parser", "parse_split_args", "split_main", "format_modules_table"]
+
+_logger = logging.getLogger("md_plugin.splitter")
+
+
+def _ratios(v: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in str(v).replace(",", " ").split())
+
+
+def _parser_class():
+    from ..train.args import _Parser
+
+    class _SplitParser(_Parser):
+        def error(self, message: str):  # type: ignore[override]
+            raise ConfigError(f"{message} (see md-doctor split --help)")
+
+    return _SplitParser
+
+
+def create_split_parser() -> argparse.ArgumentParser:
+    from ..train.args import _KwargsAction
+    from .search import SearchConfig
+
+    d = SearchConfig()
+    p = _parser_class()(prog="md-doctor split", description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--config", default="", help="YAML file of flag defaults")
+    g = p.add_argument_group("strong model and data (timm / train_md.py flag names)")
+    g.add_argument("--model", default="", help="timm model name, e.g. resnet20_cifar")
+    g.add_argument("--checkpoint", default="", help="the strong model's weights")
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=_KwargsAction)
+    g.add_argument("--dataset", default="torch/cifar10")
+    g.add_argument("--data-dir", default=None)
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation")
+    g.add_argument("--class-map", default="", help="as in train_md.py: subset/relabel classes")
+    g.add_argument("--val-from-train", default=None,
+                   help="hold out N images (or a fraction) of the training split as validation, "
+                   "as the strong model's training run did (same --data-seed)")  # fmt: skip
+    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
+    g.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
+    g.add_argument("-j", "--workers", type=int, default=0)
+    s = p.add_argument_group("split (CNNSplitter)")
+    s.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="model output indices to split (default: all)")  # fmt: skip
+    s.add_argument("--min-confidence", type=float, default=0.9,
+                   help="importance uses class-c images with softmax(c) >= this")  # fmt: skip
+    s.add_argument("--generations", type=int, default=d.generations)
+    s.add_argument("--population", type=int, default=d.population)
+    s.add_argument("--val-images", type=int, default=d.val_images,
+                   help="stratified validation subset the GA scores on")  # fmt: skip
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--mutation", type=float, default=d.mutation,
+                   help="fraction of genes reset per offspring")  # fmt: skip
+    s.add_argument("--parents-frac", type=float, default=d.parents_frac)
+    s.add_argument("--keep-frac", type=float, default=d.keep_frac)
+    s.add_argument("--alpha", type=float, default=d.alpha)
+    s.add_argument("--gamma", type=float, default=d.gamma)
+    s.add_argument("--init-ratios", type=_ratios, default=d.ratios,
+                   help="keep ratios drawn at initialisation, later groups")  # fmt: skip
+    s.add_argument("--init-ratios-sensitive", type=_ratios, default=d.ratios_sensitive,
+                   help="keep ratios for the first --sensitive-fraction of the groups")  # fmt: skip
+    s.add_argument("--sensitive-fraction", type=float, default=d.sensitive_fraction)
+    s.add_argument("--eval-mode", default=d.eval_mode, choices=["extracted", "masked"])
+    o = p.add_argument_group("output")
+    o.add_argument("--output", default="output/split")
+    o.add_argument("--experiment", default="")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the search saved in the run folder")  # fmt: skip
+    o.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_split_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Two-stage parse: YAML defaults, then the command line (as train_md.py)."""
+    from ..train.args import load_config
+
+    pre = _parser_class()(add_help=False)
+    pre.add_argument("-c", "--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    parser = create_split_parser()
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    args = parser.parse_args(argv)
+    if not args.model or not args.checkpoint:
+        raise ConfigError("md-doctor split needs --model and --checkpoint (the strong model)")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    return args
+
+
+def _search_config(args: argparse.Namespace):
+    from .search import SearchConfig
+
+    cfg = SearchConfig(
+        generations=args.generations, population=args.population, val_images=args.val_images,
+        seed=args.seed, mutation=args.mutation, parents_frac=args.parents_frac,
+        keep_frac=args.keep_frac, alpha=args.alpha, gamma=args.gamma,
+        ratios_sensitive=tuple(args.init_ratios_sensitive), ratios=tuple(args.init_ratios),
+        sensitive_fraction=args.sensitive_fraction, eval_mode=args.eval_mode,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    cfg.validate()
+    return cfg
+
+
+def _val_from_train(v: Any) -> int | float | None:
+    if v in (None, "", 0, "0"):
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        raise ConfigError(f"--val-from-train expects a count or a fraction, got {v!r}") from None
+    return int(f) if f >= 1 else f
+
+
+def _data(args: argparse.Namespace):
+    """The strong model with weights, and a validation loader in its output space."""
+    import timm
+    import torch
+    from timm.data import resolve_data_config
+
+    from .. import models  # noqa: F401
+    from ..data.datasets import TransformedDataset, create_datasets, get_targets
+    from ..data.transforms import create_eval_transform
+    from ..train.checkpoint import load_weights
+
+    size = args.input_size[-1] if args.input_size else 32
+    splits = create_datasets(
+        args.dataset, args.data_dir, args.train_split, args.val_split,
+        class_map=args.class_map or None, val_from_train=_val_from_train(args.val_from_train),
+        data_seed=args.data_seed, input_size=size,
+    )  # fmt: skip
+    if splits.test is None:
+        _logger.warning(
+            "validating on --val-split %r (no --val-from-train): for CIFAR that is the test set; "
+            "hold out training images when the numbers will be reported",
+            args.val_split,
+        )
+    num_classes = args.num_classes or (max(get_targets(splits.train)) + 1)
+    if not timm.is_model(args.model):
+        raise ConfigError(f"unknown model {args.model!r}")
+    model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
+    load_weights(model, args.checkpoint)
+    cfg = {"input_size": tuple(args.input_size)} if args.input_size else {}
+    data_config = resolve_data_config(cfg, model=model)
+    loader = torch.utils.data.DataLoader(
+        TransformedDataset(splits.val, create_eval_transform(data_config)),
+        batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+    )  # fmt: skip
+    names = getattr(splits.val, "classes", None)
+    return model, loader, data_config, (list(names) if names else None)
+
+
+def format_modules_table(mods, class_names: Sequence[str] | None = None) -> str:
+    """Per-module cost and accuracy, then composed vs strong accuracy."""
+    st = mods.stats
+    head = f"{'class':>14} {'kernels%':>9} {'FLOPs%':>8} {'params%':>8} {'own acc%':>9} "
+    head += f"{'logit min':>10} {'logit max':>10}"
+    lines = [head]
+    for m in st["modules"]:
+        c = m["cls"]
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        lines.append(
+            f"{name[:14]:>14} {m['kernels_pct']:9.1f} {m['flops_pct']:8.1f} {m['params_pct']:8.1f} "
+            f"{m['own_acc']:9.2f} {m['logit_min']:10.3f} {m['logit_max']:10.3f}"
+        )
+    lines.append(
+        f"composed {mods.num_modules}-module accuracy {st['composed_acc']:.2f}% vs strong model "
+        f"{st['strong_acc']:.2f}% on {st['val_images']} validation images "
+        f"(difference {st['composed_acc'] - st['strong_acc']:+.2f} points)"
+    )
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    name = args.experiment or "-".join(
+        [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
+    )
+    out = Path(args.output) / name
+    if args.resume:
+        if not (out / "search_state.pt").is_file():
+            raise MDError(f"--resume: no search state in {out} (pass the run's --experiment)")
+    elif out.exists():
+        raise MDError(
+            f"run folder {out} exists; pass --resume to continue its search or choose another "
+            "--experiment"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_split(args: argparse.Namespace) -> Path:
+    import yaml
+
+    from ..train.args import args_to_yaml_dict
+    from .split import modularize
+
+    cfg = _search_config(args)
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
+    model, loader, data_config, names = _data(args)
+    out = _run_dir(args)
+    if not args.resume:
+        (out / "args.yaml").write_text(yaml.safe_dump(args_to_yaml_dict(args), sort_keys=False))
+    log_file = (out / "split.log").open("a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    try:
+        mods = modularize(
+            model, loader, args.classes, cfg, min_confidence=args.min_confidence,
+            state_path=str(out / "search_state.pt"), input_size=data_config["input_size"],
+            progress=not args.no_progress and sys.stderr.isatty(), log=log,
+        )  # fmt: skip
+        mods.options["command"] = " ".join(["md-doctor", "split", *sys.argv[2:]])
+        path = mods.save(out / "modules.safetensors")
+        _write_csv(out / "modules.csv", mods.stats["modules"])
+        _write_csv(out / "history.csv", mods.options["history"])
+        log(format_modules_table(mods, names))
+        t = mods.options["timings"]
+        log(
+            f"time: importance {t['importance_s']:.0f} s, search {t['search_s']:.0f} s, "
+            f"measurement {t['measure_s']:.0f} s; best generation "
+            f"{mods.options['best_generation'] + 1}"
+        )
+        log(f"saved {path}")
+    finally:
+        log_file.close()
+    return path
+
+
+def split_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``md-doctor split`` (user errors: one line, exit 2)."""
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            cmd_split(parse_split_args(argv))
+    except MDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,111 @@
+"""The run-folder lock and the run-folder checks (issue 13, items 2 and 7).
+
+The "other run" is a real second process holding the lock, then SIGKILLed: the state a killed
+run leaves behind (the lock file with its pid, no kernel lock) is produced, not imitated.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from md_plugin.errors import ConfigError
+from md_plugin.train import rundir
+from md_plugin.train.rundir import RunDirBusy, RunDirLock, prepare_run_dir
+
+_HOLDER = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.time()}).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_lock_on_a_folder_is_refused_naming_the_holder(tmp_path):
+    first = RunDirLock(tmp_path).acquire()
+    with pytest.raises(RunDirBusy) as e:
+        RunDirLock(tmp_path).acquire()
+    msg = str(e.value)
+    assert f"the run folder {tmp_path} is in use by another run (pid {os.getpid()} on host" in msg
+    assert "choose another --experiment" in msg and "\n" not in msg
+    first.release()
+    again = RunDirLock(tmp_path).acquire()  # released: free again, and nobody was taken over
+    assert again.took_over is None
+    again.release()
+
+
+def test_lock_of_a_killed_run_is_stale_and_taken_over(tmp_path):
+    lock_file = tmp_path / rundir.LOCK_NAME
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock_file)], stdout=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=f"pid {p.pid} on host {socket.gethostname()}"):
+            RunDirLock(tmp_path).acquire()
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert json.loads(lock_file.read_text())["pid"] == p.pid  # the killed run's record is left
+    lock = RunDirLock(tmp_path).acquire()
+    assert lock.took_over is not None and lock.took_over["pid"] == p.pid
+    assert f"took over the lock of a run that is gone (pid {p.pid}" in lock.describe_takeover()
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_without_flock_the_pid_and_host_decide(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_file = tmp_path / rundir.LOCK_NAME
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_file.write_text(json.dumps({"pid": live.pid, "host": host, "started": 0}))
+        with pytest.raises(RunDirBusy, match=f"pid {live.pid} on host {host}.*delete"):
+            RunDirLock(tmp_path).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    lock_file.write_text(json.dumps({"pid": 99999999, "host": "elsewhere", "started": 0}))
+    with pytest.raises(RunDirBusy, match="on host elsewhere"):
+        RunDirLock(tmp_path).acquire()  # another machine's pid cannot be checked: refuse
+    lock_file.write_text(json.dumps({"pid": dead.pid, "host": host, "started": 0}))
+    lock = RunDirLock(tmp_path).acquire()
+    assert lock.took_over["pid"] == dead.pid
+    lock.release()
+
+
+def test_run_folder_that_is_a_file_or_unwritable_is_one_error(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("x")
+    with pytest.raises(
+        ConfigError, match=f"cannot use {f / 'exp'} as the run folder: {f} is a file"
+    ):
+        prepare_run_dir(f / "exp")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        try:
+            with pytest.raises(ConfigError, match="cannot create the run folder"):
+                prepare_run_dir(ro / "exp")
+        finally:
+            ro.chmod(0o700)
+    assert prepare_run_dir(tmp_path / "a" / "b").is_dir()

@@ -1,0 +1,112 @@
+"""``md-doctor split``: config + flags, run folder, resume (also after SIGKILL), one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import md_plugin  # noqa: F401
+from md_plugin.cli import main
+from md_plugin.splitter import SplitModules
+
+
+@pytest.fixture(scope="module")
+def strong(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model("simcnn_weak", num_classes=10, width=8)
+    path = tmp_path_factory.mktemp("ckpt") / "strong.pth.tar"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def _argv(root, ckpt, out, *extra):
+    return [
+        "split", "--model", "simcnn_weak", "--model-kwargs", "width=8", "--checkpoint", str(ckpt),
+        "--dataset", "torch/cifar10", "--data-dir", str(root), "--val-from-train", "0.5",
+        "--classes", "0", "1", "2", "--min-confidence", "0", "--population", "4",
+        "--val-images", "15", "--output", str(out), "--experiment", "run", "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsys):
+    cfg = tmp_path / "split.yaml"
+    cfg.write_text("generations: 2\nseed: 3\n")
+    assert main([*_argv(cifar10_root, strong, tmp_path), "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "composed 3-module accuracy" in out and "gen 2/2" in out
+    run = tmp_path / "run"
+    for f in ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log"):
+        assert (run / f).is_file(), f
+    model = timm.create_model("simcnn_weak", num_classes=10, width=8)
+    mods = SplitModules.load(run / "modules.safetensors", model)
+    assert mods.classes == [0, 1, 2] and mods.options["config"]["seed"] == 3
+    assert len(mods.options["history"]) == 2
+    # the folder is never overwritten
+    assert main(_argv(cifar10_root, strong, tmp_path, "--generations", "2")) == 2
+    assert "exists" in capsys.readouterr().err
+    # --resume extends the same search
+    assert main([*_argv(cifar10_root, strong, tmp_path, "--resume", "--generations", "3"),
+                 "-c", str(cfg)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "resuming the search from generation 2" in out and "gen 3/3" in out
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--classes", "0", "12"], "out of range"),
+        (["--population", "2"], "--population"),
+        (["--generations", "x"], "invalid int value"),
+        (["--resume"], "no search state"),
+        (["--eval-mode", "fast"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line(cifar10_root, strong, tmp_path, capsys, extra, words):
+    argv = _argv(cifar10_root, strong, tmp_path, "--generations", "1")
+    if extra[0] == "--classes":
+        i = argv.index("--classes")
+        argv = argv[:i] + argv[i + 4 :]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and words in err and "\n" not in err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("generatons: 3\n")
+    assert main(["split", "-c", str(cfg)]) == 2
+    assert "did you mean 'generations'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(cifar10_root, strong, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "md_plugin"]
+    full = _argv(cifar10_root, strong, tmp_path / "full", "--generations", "5")
+    subprocess.run(cmd + full, env=env, check=True, capture_output=True)
+    killed = _argv(cifar10_root, strong, tmp_path / "killed", "--generations", "5")
+    proc = subprocess.Popen(cmd + killed, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    for line in proc.stdout:  # kill right after generation 2 is logged (its state is saved)
+        if line.startswith("gen 2/5"):
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "run" / "modules.safetensors").exists()
+    subprocess.run(cmd + killed + ["--resume"], env=env, check=True, capture_output=True)
+    a = SplitModules.load(tmp_path / "full" / "run" / "modules.safetensors")
+    b = SplitModules.load(tmp_path / "killed" / "run" / "modules.safetensors")
+    assert torch.equal(a.masks, b.masks)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a.options["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b.options["history"]]
