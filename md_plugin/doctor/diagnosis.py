@@ -303,18 +303,22 @@ def diagnose(
         num_classes = getattr(model, "num_classes", None)
         if not num_classes:
             raise ConfigError("num_classes is required for this model")
-    batches = iter(loader)
-    first = next(batches, None)
-    if first is not None:
-        batches = itertools.chain([first], batches)
-        if input_size is None and isinstance(first[0], torch.Tensor):
-            input_size = tuple(first[0].shape[1:])
+    batches = None
+    if input_size is None:  # infer the size from the first batch (one batch, not the pass)
+        batches = iter(loader)
+        first = next(batches, None)
+        if first is not None:
+            batches = itertools.chain([first], batches)
+            if isinstance(first[0], torch.Tensor):
+                input_size = tuple(first[0].shape[1:])
     if isinstance(layers, str) or (layers and isinstance(next(iter(layers)), str)):
         refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
     else:
         refs = list(layers)  # type: ignore[arg-type]
     # the mask options are used only after the whole pass: refuse bad ones before it
     check_mask_options(mask_rule, theta, topk, min(r.channels for r in refs))
+    if batches is None:
+        batches = iter(loader)
     device = next(model.parameters()).device
     buf = _TopN(num_classes, per_class, [r.channels for r in refs])
     was_training = model.training
