@@ -358,3 +358,33 @@ def test_load_masks_skips_out_of_range_and_wrong_size(tmp_path):
     assert texts[0].startswith("000002.png: mask is 5x4, images are 4x4")
     assert texts[1].startswith("000012.png: index 12 is outside the dataset")
     assert sorted(load_masks(d)) == [1, 2, 12]
+
+
+def test_masks_of_a_mixed_size_image_folder_are_checked_against_each_image(tmp_path):
+    """Issue 13 item 6: a correct mask of an image whose size differs from image #0 is kept,
+    and a mask with image #0's size given to a differently sized image is skipped."""
+    from torchvision.datasets import ImageFolder
+
+    from md_plugin.train.phases import _image_hw
+
+    sizes = {"a.png": (8, 8), "b.png": (12, 10), "c.png": (12, 10)}  # (H, W)
+    (tmp_path / "data" / "cls").mkdir(parents=True)
+    for name, (h, w) in sizes.items():
+        Image.new("RGB", (w, h)).save(tmp_path / "data" / "cls" / name)
+    ds = ImageFolder(str(tmp_path / "data"))
+    assert [_image_hw(ds, i) for i in range(3)] == [(8, 8), (12, 10), (12, 10)]
+    d = tmp_path / "masks"
+    d.mkdir()
+    fg = {0: np.zeros((8, 8), np.uint8), 1: np.zeros((12, 10), np.uint8)}
+    fg[0][2:5, 2:5] = 255
+    fg[1][1:4, 3:9] = 255
+    for i, arr in fg.items():
+        Image.fromarray(arr).save(d / f"{i:06d}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "000002.png")  # image #0's size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        masks = load_masks(d, dataset_size=3, image_size=lambda i: _image_hw(ds, i))
+    assert sorted(masks) == [0, 1]
+    assert masks[1].shape == (12, 10) and int(masks[1].sum()) == 18
+    assert int(masks[0].sum()) == 9
+    assert len(caught) == 1 and "images are 12x10" in str(caught[0].message)
