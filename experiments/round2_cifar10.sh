@@ -29,21 +29,8 @@ COMMON=(--model resnet20_cifar --dataset torch/cifar10 --data-dir "$DATA" -b 128
   --lr 0.01 --warmup-epochs 0 --md --md-diagnosis "$START/diagnosis.safetensors"
   --no-md-eval-before --no-md-report)
 
-stats() {  # stats NAME CHECKPOINT: irrelevant share on the first 1,000 test images, once
-  [[ -f "$OUT/$1.heldout.json" ]] && return
-  "$PY" experiments/heldout_stats.py --checkpoint "$2" --out "$OUT/$1.heldout.json" \
-    --diagnosis "$START/diagnosis.safetensors" --data-dir "$DATA" --split test --first 1000 \
-    >>"$OUT/$1.log" 2>&1
-}
-
-job() {  # job NAME ARGS...: one run, its held-out statistic, the load at start and end
-  local t0=$SECONDS
-  echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/$1.load"
-  run "$@"
-  echo "train wall $((SECONDS - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/$1.load"
-  stats "$1" "$OUT/$1/last.pth.tar"
-  echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg); wall $((SECONDS - t0)) s" >>"$OUT/$1.load"
-}
+STATS=(--split test --first 1000)
+. "$(dirname "$0")/round2_arms.sh"  # stats, job, run_arms
 
 [[ -f "$OUT/start.heldout.json" ]] || stats start "$CK" &
 # Seeds before arms: when time runs out, whole arms are missing, never seeds of an arm.
@@ -55,21 +42,4 @@ declare -A ARM=(
   [trueonly]="--md-loss true_only --md-alpha 0.078"
 )
 ORDER=${ORDER:-"ctl_s0 official_s0 ctl_s1 official_s1 ctl_s2 official_s2 share_s0 share_s1 share_s2 trueonly_s0 trueonly_s1 trueonly_s2"}
-busy() {  # our running jobs, plus runs started by an earlier invocation that are not finished
-  local n
-  n=$(jobs -rp | wc -l)
-  for r in ${EXTERNAL:-}; do [[ -f "$OUT/$r.heldout.json" ]] || n=$((n + 1)); done
-  echo "$n"
-}
-for name in $ORDER; do
-  [[ " ${EXTERNAL:-} " == *" $name "* ]] && continue
-  while (($(busy) >= PAR)); do
-    sleep 15  # polling, not `wait -n`: a run of an earlier invocation may free the slot
-  done
-  arm=${name%_s*}
-  # shellcheck disable=SC2086
-  job "$name" ${ARM[$arm]} --seed "${name##*_s}" &
-  sleep 2
-done
-wait
-echo "[$(date -Is)] all runs done"
+run_arms
