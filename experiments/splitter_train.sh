@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # CNNSplitter experiment, stage 1: the strong and the weak models (docs/splitter.md, "Experiment").
 #   strong: resnet20_cifar on CIFAR-10 classes 0-4, 2,500 training images held out (500 per class)
-#           for the best epoch and for the splitter (importance, search, ranges); 2 epochs.
+#           for the best epoch and for the splitter (importance, search, ranges); 12 epochs
+#           (STRONG_EPOCHS).
 #   weak:   simcnn_weak on classes 5-9 (-> 0-4) plus one target class (TC) from 0-4 (-> 5),
 #           every class cut to 500 training images (seeded; the paper's CIFAR setup, where the
 #           CIFAR-100 classes have 500 each), 20% of each class held out (the paper's 80/20), for
-#           TC = 0, 2, 4 (fixed in advance); 6 epochs (the paper: 100, best on val).
+#           TC = 0, 2, 4 (fixed in advance); 30 epochs (WEAK_EPOCHS; the paper: 100, best on val).
 # CIFAR's test split is read once per model at the end (test_results.json).
 # Usage: bash experiments/splitter_train.sh [strong|weak0|weak2|weak4]...   (OUT, DATA_DIR env)
 set -euo pipefail
@@ -44,11 +45,11 @@ for what in "${stages[@]}"; do
   case $what in
     strong) launch strong_r20_c04 "${NPROC_STRONG:-1}" --model resnet20_cifar \
               --class-map $S/strong_0-4.txt --val-from-train 2500 \
-              -b $((128 / ${NPROC_STRONG:-1})) --epochs "${STRONG_EPOCHS:-2}" --lr 0.1 \
+              -b $((128 / ${NPROC_STRONG:-1})) --epochs "${STRONG_EPOCHS:-12}" --lr 0.1 \
               --warmup-epochs 0 ;;
     weak[024]) tc=${what#weak}  # one process each, one after another (shared machine)
               run weak_tc$tc --model simcnn_weak --class-map $S/weak_tc$tc.txt --class-cap 500 \
-                --val-from-train 0.2 -b 64 --epochs 6 --lr 0.02 --weight-decay 1e-4 \
+                --val-from-train 0.2 -b 64 --epochs "${WEAK_EPOCHS:-30}" --lr 0.02 --weight-decay 1e-4 \
                 --warmup-epochs 0 ;;
     *) echo "unknown stage $what" >&2; exit 2 ;;
   esac

@@ -1,7 +1,14 @@
-"""Tables (markdown) and the penalty-curve figure for round two (``round2_cifar10.sh``).
+"""Tables (markdown) and the penalty-curve figure for round two (``round2_cifar10*.sh``).
 
     python experiments/summarize_round2.py --runs experiments/runs/round2_cifar10 \
         --start-dir /work/shared/checkpoints/resnet20_cifar10_e30 --figure docs/round2_penalty.png
+    python experiments/summarize_round2.py --runs experiments/runs/round2_cifar10_lt \
+        --start-dir experiments/runs/round2_cifar10_lt/baseline
+
+A run trained with ``--val-from-train`` (start point B) has its single test evaluation in
+``test_results.json``; that is what is reported as "test" (its ``summary.csv`` holds the
+hold-out). With a long-tailed start point (``train_counts.json`` of the start run is unequal)
+the many/medium/few-shot table is added.
 
 Every finished run (``<run>/DONE``) is reported, grouped by arm (the name before ``_s<seed>``):
 final-epoch test top-1/top-5, the paired difference to the control of the same seed, per-class
@@ -40,6 +47,19 @@ def ms(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _final_test(run: Path, rows: list[dict]) -> tuple[dict, dict[str, float]]:
+    """The run's one test evaluation: ``test_results.json`` if it has one, else its last row."""
+    tr = run / "test_results.json"
+    if tr.exists():
+        t = json.loads(tr.read_text())
+        return (
+            {"eval_top1": t["top1"], "eval_top5": t["top5"]},
+            {c: float(v) for c, v in zip(t["classes"], t["per_class"])},
+        )
+    pc = _rows(run / "per_class_acc.csv")[-1]
+    return rows[-1], {k: float(v) for k, v in pc.items() if k != "epoch"}
+
+
 def load_runs(runs: Path) -> dict[str, dict[int, dict]]:
     out: dict[str, dict[int, dict]] = defaultdict(dict)
     for d in sorted(runs.iterdir()):
@@ -48,13 +68,13 @@ def load_runs(runs: Path) -> dict[str, dict[int, dict]]:
             continue
         arm, seed = m.group(1), int(m.group(2))
         rows = _rows(d / "summary.csv")
-        pc = _rows(d / "per_class_acc.csv")[-1]
+        final, pc = _final_test(d, rows)
         held = runs / f"{d.name}.heldout.json"
         load = runs / f"{d.name}.load"
         out[arm][seed] = {
             "rows": rows,
-            "final": rows[-1],
-            "per_class": {k: float(v) for k, v in pc.items() if k != "epoch"},
+            "final": final,
+            "per_class": pc,
             "heldout": json.loads(held.read_text()) if held.exists() else None,
             "load": load.read_text().strip().replace("\n", "; ") if load.exists() else "",
         }
@@ -70,8 +90,10 @@ def main() -> None:
     runs = Path(a.runs)
     data = load_runs(runs)
     arms = [k for k in ARMS if k in data]
-    start_pc = _rows(Path(a.start_dir) / "per_class_acc.csv")[-1]
-    start_sum = _rows(Path(a.start_dir) / "summary.csv")[-1]
+    start_dir = Path(a.start_dir)
+    start_sum, start_pc = _final_test(start_dir, _rows(start_dir / "summary.csv"))
+    counts_file = start_dir / "train_counts.json"
+    counts = json.loads(counts_file.read_text())["counts"] if counts_file.exists() else None
     start_held = runs / "start.heldout.json"
     start_held = json.loads(start_held.read_text()) if start_held.exists() else None
     alpha = json.loads((runs / "start" / "alpha.json").read_text())
@@ -81,7 +103,7 @@ def main() -> None:
     w("#### Final test top-1 / top-5 (%), every run\n")
     w("| arm | seeds | top-1 per seed | top-1 mean ± std | top-5 mean ± std |")
     w("|---|---|---|---|---|")
-    w(f"| start checkpoint (epoch 30) | - | {float(start_sum['eval_top1']):.2f} | "
+    w(f"| start checkpoint | - | {float(start_sum['eval_top1']):.2f} | "
       f"{float(start_sum['eval_top1']):.2f} | {float(start_sum['eval_top5']):.2f} |")  # fmt: skip
     for arm in arms:
         seeds = sorted(data[arm])
@@ -113,7 +135,7 @@ def main() -> None:
         w("")
 
     w("#### Per-class test accuracy (%), final epoch, mean over seeds\n")
-    classes = [k for k in start_pc if k != "epoch"]
+    classes = list(start_pc)
     head = "| class | start | " + " | ".join(ARMS[a_] for a_ in arms)
     head += "".join(f" | {a_} − control" for a_ in arms if a_ != "ctl" and "ctl" in data)
     w(head + " |")
@@ -125,6 +147,40 @@ def main() -> None:
             cells += [f"{means[a_] - means['ctl']:+.2f}" for a_ in arms if a_ != "ctl"]
         w(f"| {c} | " + " | ".join(cells) + " |")
     w("")
+
+    if counts and len(set(counts)) > 1:
+        from md_plugin.metrics import SHOT_GROUPS, shot_accuracy, shot_groups
+
+        groups = shot_groups(counts)
+        w("#### Many / medium / few-shot test accuracy (%), mean of per-class accuracy\n")
+        w("Groups by training images per class (> 100, 20-100, < 20): "
+          + "; ".join(f"{g} = classes {groups[g]}" for g in SHOT_GROUPS) + ".\n")  # fmt: skip
+        w(
+            "| arm | "
+            + " | ".join(SHOT_GROUPS)
+            + " | paired Δ to control ("
+            + ", ".join(SHOT_GROUPS)
+            + ") |"
+        )
+        w("|---" * (2 + len(SHOT_GROUPS)) + "|")
+
+        def shots(pc: dict[str, float]) -> dict[str, float]:
+            return shot_accuracy([pc[c] for c in classes], counts)
+
+        st = shots(start_pc)
+        w("| start checkpoint | " + " | ".join(f"{st[g]:.2f}" for g in SHOT_GROUPS) + " | - |")
+        for arm in arms:
+            per_seed = {s: shots(data[arm][s]["per_class"]) for s in sorted(data[arm])}
+            cells = [ms([v[g] for v in per_seed.values()]) for g in SHOT_GROUPS]
+            delta = "-"
+            if arm != "ctl" and "ctl" in data:
+                seeds = sorted(set(per_seed) & set(data["ctl"]))
+                ctl = {s: shots(data["ctl"][s]["per_class"]) for s in seeds}
+                delta = ", ".join(
+                    ms([per_seed[s][g] - ctl[s][g] for s in seeds]) for g in SHOT_GROUPS
+                )
+            w(f"| {ARMS[arm]} | " + " | ".join(cells) + f" | {delta} |")
+        w("")
 
     w("#### Penalty terms per epoch (training batches, mean over seeds)\n")
     w("`md_channel` is each arm's own loss term (the control's is the official term, computed "
@@ -148,9 +204,12 @@ def main() -> None:
             w(f"| {ARMS[arm]} | " + " | ".join(vals) + " |")
         w("")
 
-    w(
-        "#### Held-out statistic: true-class gradient at the diagnosed layer, first 1,000 test images\n"
+    where = (
+        f"{start_held['images']:,} held-out training images"
+        if start_held and start_held.get("split") == "val_from_train"
+        else "first 1,000 test images"
     )
+    w(f"#### Held-out statistic: true-class gradient at the diagnosed layer, {where}\n")
     w("| arm | irrelevant share | irrelevant mass | relevant mass | top-1 on these images |")
     w("|---|---|---|---|---|")
     if start_held:
