@@ -24,7 +24,7 @@ BASE=(--model resnet20_cifar "${LT[@]}" -b 128 --opt sgd --momentum 0.9 --weight
 
 COMMON=("${BASE[@]}")
 run baseline --epochs "$EPOCHS" --lr 0.1 --warmup-epochs 1 --seed 0
-CK="$OUT/baseline/last.pth.tar"
+CK="$OUT/baseline/model_best.pth.tar" # chosen on the hold-out; its test row is test_results.json
 
 START="$OUT/start"
 if [[ ! -f "$START/alpha.json" ]]; then
