@@ -1,7 +1,21 @@
-# Sourced by round2_cifar10.sh and round2_cifar10_lt.sh after they set OUT, START, COMMON, PAR,
-# ORDER, ARM (arm -> flags) and STATS (heldout_stats.py flags: which images, which dataset).
-# Runs every name of ORDER (<arm>_s<seed>), PAR at a time, each followed once by its held-out
-# statistic. A run whose folder holds DONE is skipped.
+# Sourced by round2_cifar10.sh and round2_cifar10_lt.sh after they set OUT, CK (start checkpoint),
+# START (its diagnosis and alpha.json) and STATS (heldout_stats.py flags: which images, which
+# dataset). Defines the fine-tuning every arm shares (FINETUNE) and the arms (ARM); run_arms then
+# runs every name of ORDER (<arm>_s<seed>) with COMMON, PAR at a time, each followed once by its
+# held-out statistic. A run whose folder holds DONE is skipped.
+
+# The plan of docs/results.md: 64 SGD steps (8 "epochs" of 1,024 images, batch 128), lr 0.01
+# cosine per update to 0, no warm-up, one evaluation at the end, the start point's diagnosis.
+FINETUNE=(--initial-checkpoint "$CK" --epochs 8 --sampler-epoch-length 1024 --val-interval 8
+  --lr 0.01 --warmup-epochs 0 --md --md-diagnosis "$START/diagnosis.safetensors"
+  --no-md-eval-before --no-md-report)
+A_SHARE=$("$PY" -c "import json; print(json.load(open('$START/alpha.json'))['alpha_share'])")
+declare -A ARM=(
+  [ctl]="--md-alpha 0 --md-monitor"
+  [official]="--md-loss official --md-alpha 0.078"
+  [share]="--md-loss share --md-alpha $A_SHARE"
+  [trueonly]="--md-loss true_only --md-alpha 0.078"
+)
 
 stats() {  # stats NAME CHECKPOINT: the irrelevant share on images no run fit, once
   [[ -f "$OUT/$1.heldout.json" ]] && return

@@ -20,26 +20,15 @@ if [[ ! -f "$START/alpha.json" ]]; then
   "$PY" experiments/prepare_start.py --checkpoint "$CK" --data-dir "$DATA" \
     --first 10000 --out "$START" 2>&1 | tee "$OUT/prepare.log"
 fi
-A_SHARE=$("$PY" -c "import json; print(json.load(open('$START/alpha.json'))['alpha_share'])")
-
+STATS=(--split test --first 1000)
+. "$(dirname "$0")/round2_arms.sh" # FINETUNE, ARM, stats, job, run_arms
 COMMON=(--model resnet20_cifar --dataset torch/cifar10 --data-dir "$DATA" -b 128 --opt sgd
   --momentum 0.9 --weight-decay 5e-4 --sched cosine --sched-on-updates --smoothing 0
   --crop-padding 4 --color-jitter 0 --workers 1 --no-progress --log-interval 0 --output "$OUT"
-  --initial-checkpoint "$CK" --epochs 8 --sampler-epoch-length 1024 --val-interval 8
-  --lr 0.01 --warmup-epochs 0 --md --md-diagnosis "$START/diagnosis.safetensors"
-  --no-md-eval-before --no-md-report)
-
-STATS=(--split test --first 1000)
-. "$(dirname "$0")/round2_arms.sh"  # stats, job, run_arms
+  "${FINETUNE[@]}")
 
 [[ -f "$OUT/start.heldout.json" ]] || stats start "$CK" &
 # Seeds before arms: when time runs out, whole arms are missing, never seeds of an arm.
 # Priority (fixed before any result): control, official, share, true-class only.
-declare -A ARM=(
-  [ctl]="--md-alpha 0 --md-monitor"
-  [official]="--md-loss official --md-alpha 0.078"
-  [share]="--md-loss share --md-alpha $A_SHARE"
-  [trueonly]="--md-loss true_only --md-alpha 0.078"
-)
 ORDER=${ORDER:-"ctl_s0 official_s0 ctl_s1 official_s1 ctl_s2 official_s2 share_s0 share_s1 share_s2 trueonly_s0 trueonly_s1 trueonly_s2"}
 run_arms

@@ -32,21 +32,11 @@ if [[ ! -f "$START/alpha.json" ]]; then
   "$PY" experiments/prepare_start.py --checkpoint "$CK" --dataset cifar10_lt --data-dir "$DATA" \
     --val-from-train "$HOLD" --first 10000 --out "$START" 2>&1 | tee "$OUT/prepare.log"
 fi
-A_SHARE=$("$PY" -c "import json; print(json.load(open('$START/alpha.json'))['alpha_share'])")
-
-COMMON=("${BASE[@]}" --initial-checkpoint "$CK" --epochs 8 --sampler-epoch-length 1024
-  --val-interval 8 --lr 0.01 --warmup-epochs 0 --md --md-diagnosis "$START/diagnosis.safetensors"
-  --no-md-eval-before --no-md-report)
 STATS=(--dataset cifar10_lt --val-from-train "$HOLD")
-. "$(dirname "$0")/round2_arms.sh" # stats, job, run_arms
+. "$(dirname "$0")/round2_arms.sh" # FINETUNE, ARM, stats, job, run_arms
+COMMON=("${BASE[@]}" "${FINETUNE[@]}")
 
 [[ -f "$OUT/start.heldout.json" ]] || stats start "$CK"
-declare -A ARM=(
-  [ctl]="--md-alpha 0 --md-monitor"
-  [official]="--md-loss official --md-alpha 0.078"
-  [share]="--md-loss share --md-alpha $A_SHARE"
-  [trueonly]="--md-loss true_only --md-alpha 0.078"
-)
 # Seeds before arms, in the plan's priority (control, share, official, true-class only): when time
 # runs out, whole arms are missing, never seeds of an arm.
 ORDER=${ORDER:-"ctl_s0 ctl_s1 ctl_s2 share_s0 share_s1 share_s2 official_s0 official_s1 official_s2 trueonly_s0 trueonly_s1 trueonly_s2"}
