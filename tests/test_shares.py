@@ -5,38 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from toy_models import Linearish, make_diagnosis
 
 import md_plugin  # noqa: F401
-from md_plugin.doctor import Diagnosis, LayerDiagnosis, model_fingerprint
 from md_plugin.doctor.shares import gradient_shares
-from md_plugin.layers import resolve_layers
 from md_plugin.losses.treatment import ModelDoctor
-
-
-class Linearish(nn.Module):
-    """conv (identity, target) -> ReLU -> mean over 4x4 -> fc: relu(dz_k/dA) summed = W[k]."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        c = w.shape[1]
-        self.conv = nn.Conv2d(c, c, 1, bias=False)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(c, w.shape[0], bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(c)[:, :, None, None])
-            self.fc.weight.copy_(w)
-
-    def forward(self, x):
-        return self.fc(self.act(self.conv(x)).mean((2, 3)))
-
-
-def _diag(model, masks, c):
-    refs = resolve_layers(model, "conv", (c, 4, 4))
-    layers = {r.name: LayerDiagnosis(r.name, masks.float(), masks.bool()) for r in refs}
-    return Diagnosis(
-        layers, torch.ones(masks.shape[0], dtype=torch.long), model_fingerprint(model, refs)
-    )
 
 
 def test_gradient_shares_hand_values_and_scale_invariance():
@@ -52,7 +25,9 @@ def test_gradient_shares_hand_values_and_scale_invariance():
     rel = np.array([(Wn[k] * Mn[k]).sum() for k in y.tolist()])
     for scale in (1.0, 0.01):
         model = Linearish(W * scale).train()
-        r = gradient_shares(model, loader, _diag(model, M, C), input_size=(C, 4, 4))
+        r = gradient_shares(
+            model, loader, make_diagnosis(model, "conv", M, (C, 4, 4)), input_size=(C, 4, 4)
+        )
         assert model.training  # mode restored
         assert r["irr_mass"].numpy() == pytest.approx(scale * irr, rel=1e-5)
         assert r["rel_mass"].numpy() == pytest.approx(scale * rel, rel=1e-5)
@@ -68,7 +43,7 @@ def test_gradient_shares_agree_with_the_treatment_statistic():
     model = Linearish(W).eval()
     x = torch.rand(6, 5, 4, 4) + 0.1
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    diag = _diag(model, M, 5)
+    diag = make_diagnosis(model, "conv", M, (5, 4, 4))
     r = gradient_shares(model, [(x, y)], diag, input_size=(5, 4, 4))
     md = ModelDoctor(model, diag, alpha=0.0, monitor=True, capture_eval=True, input_size=(5, 4, 4))
     parts = md.loss(model(x), y)[1]

@@ -9,37 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from toy_models import Linearish, make_diagnosis
 
 import md_plugin  # noqa: F401
-from md_plugin.doctor import Diagnosis, LayerDiagnosis, diagnose, model_fingerprint
+from md_plugin.doctor import Diagnosis, diagnose
 from md_plugin.errors import ConfigError
 from md_plugin.layers import FeatureCapture, resolve_layers
 from md_plugin.losses.treatment import ModelDoctor, check_wrapped_model, confusing_class
-
-
-def _diagnosis(model, spec, masks, input_size) -> Diagnosis:
-    refs = resolve_layers(model, spec, input_size)
-    layers = {r.name: LayerDiagnosis(r.name, masks.float(), masks.bool()) for r in refs}
-    return Diagnosis(
-        layers, torch.ones(masks.shape[0], dtype=torch.long), model_fingerprint(model, refs)
-    )
-
-
-class Linearish(nn.Module):
-    """conv (target) -> ReLU -> 4x4 mean -> fc: dz_k/dA[c,h,w] = W[k,c]/16 where A > 0."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        c = w.shape[1]
-        self.conv = nn.Conv2d(c, c, 1, bias=False)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(c, w.shape[0], bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(c)[:, :, None, None])
-            self.fc.weight.copy_(w)
-
-    def forward(self, x):
-        return self.fc(self.act(self.conv(x)).mean((2, 3)))
 
 
 def test_channel_loss_matches_hand_computation():
@@ -52,7 +28,7 @@ def test_channel_loss_matches_hand_computation():
     y = torch.tensor([0, 1, 2, 3, 0, 2])
     md = ModelDoctor(
         model,
-        _diagnosis(model, "conv", M, (C, 4, 4)),
+        make_diagnosis(model, "conv", M, (C, 4, 4)),
         alpha=0.7,
         input_size=(C, 4, 4),
         capture_eval=True,
@@ -90,7 +66,7 @@ def test_share_loss_matches_hand_computation_and_is_scale_invariant():
     mass = np.mean([(Wn[k] * (1 - Mn[k])).sum() for k in y.tolist()])
     for scale in (1.0, 1e-3, 50.0):  # scaling every gradient leaves the share unchanged
         model = Linearish(W * scale)
-        md = ModelDoctor(model, _diagnosis(model, "conv", M, (C, 4, 4)), alpha=0.3,
+        md = ModelDoctor(model, make_diagnosis(model, "conv", M, (C, 4, 4)), alpha=0.3,
                          loss_kind="share", input_size=(C, 4, 4), capture_eval=True)  # fmt: skip
         loss, parts = md.loss(model(x), y)
         assert parts["md_channel"].item() == pytest.approx(share, rel=1e-5)
@@ -101,7 +77,7 @@ def test_share_loss_matches_hand_computation_and_is_scale_invariant():
         md.remove()
     # true_only = the official true-class term alone; official = true + confusing class terms
     model = Linearish(W)
-    diag = _diagnosis(model, "conv", M, (C, 4, 4))
+    diag = make_diagnosis(model, "conv", M, (C, 4, 4))
     md = ModelDoctor(
         model, diag, alpha=1.0, loss_kind="true_only", input_size=(C, 4, 4), capture_eval=True
     )
@@ -117,7 +93,7 @@ def test_share_loss_zero_mass_sample_is_zero_not_nan():
     W = torch.tensor([[1.0, 2.0], [-1.0, -3.0]])  # class 1's gradient is never positive
     model = Linearish(W)
     M = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
-    md = ModelDoctor(model, _diagnosis(model, "conv", M, (2, 4, 4)), alpha=1.0,
+    md = ModelDoctor(model, make_diagnosis(model, "conv", M, (2, 4, 4)), alpha=1.0,
                      loss_kind="share", input_size=(2, 4, 4), capture_eval=True)  # fmt: skip
     x = torch.rand(2, 2, 4, 4) + 0.1
     loss, parts = md.loss(model(x), torch.tensor([0, 1]))
@@ -128,7 +104,7 @@ def test_share_loss_zero_mass_sample_is_zero_not_nan():
 
 def test_loss_kind_options_are_checked():
     model = Linearish(torch.ones(2, 2))
-    diag = _diagnosis(model, "conv", torch.ones(2, 2, dtype=torch.bool), (2, 4, 4))
+    diag = make_diagnosis(model, "conv", torch.ones(2, 2, dtype=torch.bool), (2, 4, 4))
     with pytest.raises(ConfigError, match="must be one of"):
         ModelDoctor(model, diag, loss_kind="ratio", input_size=(2, 4, 4))
     with pytest.raises(ConfigError, match="true-class term"):
@@ -189,7 +165,7 @@ def test_penalised_gradient_equals_finite_differences():
     masks = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
     md = ModelDoctor(
         m,
-        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        make_diagnosis(m, "body.conv", masks, (2, 3, 3)),
         alpha=1.0,
         input_size=(2, 3, 3),
         capture_eval=True,
@@ -222,7 +198,7 @@ def test_double_backward_gradient_matches_finite_differences():
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
     y = torch.tensor([1, 0])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
-    md = ModelDoctor(m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, beta=0.5,
+    md = ModelDoctor(m, make_diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0, beta=0.5,
                      input_size=(2, 3, 3), capture_eval=True)  # fmt: skip
     fg = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
     fg[:, :, 1:, 1:] = 1
@@ -252,7 +228,7 @@ def test_share_loss_gradient_matches_finite_differences():
     x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     y = torch.tensor([2, 0, 1])
     masks = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
-    md = ModelDoctor(m, _diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0,
+    md = ModelDoctor(m, make_diagnosis(m, "body.conv", masks, (2, 3, 3)), alpha=1.0,
                      loss_kind="share", input_size=(2, 3, 3), capture_eval=True)  # fmt: skip
     a = m.body(x).detach()
     # value: rebuild the share from central differences of the head
@@ -294,7 +270,7 @@ def test_monitor_logs_the_penalty_without_training_on_it():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    diag = _diagnosis(m, "body.conv", masks, (2, 3, 3))
+    diag = make_diagnosis(m, "body.conv", masks, (2, 3, 3))
     for kind in ("official", "true_only", "share"):
         treated = ModelDoctor(
             m, diag, alpha=0.5, loss_kind=kind, input_size=(2, 3, 3), capture_eval=True
@@ -336,7 +312,7 @@ def test_loss_is_per_sample_normalised():
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
     md = ModelDoctor(
         m,
-        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        make_diagnosis(m, "body.conv", masks, (2, 3, 3)),
         alpha=1.0,
         input_size=(2, 3, 3),
         capture_eval=True,
@@ -351,7 +327,7 @@ def test_batched_grads_scale_and_bf16_agree():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
     masks = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    diag = _diagnosis(m, "body.conv", masks, (2, 3, 3))
+    diag = make_diagnosis(m, "body.conv", masks, (2, 3, 3))
     md = ModelDoctor(m, diag, alpha=1.0, input_size=(2, 3, 3), capture_eval=True)
     ref = md.loss(m(x), y)[0].item()
     md.batched = True
@@ -375,7 +351,7 @@ def test_alpha_zero_costs_nothing_and_returns_zero():
     masks = torch.ones(3, 3, dtype=torch.bool)
     md = ModelDoctor(
         m,
-        _diagnosis(m, "body.conv", masks, (2, 3, 3)),
+        make_diagnosis(m, "body.conv", masks, (2, 3, 3)),
         alpha=0.0,
         input_size=(2, 3, 3),
         capture_eval=True,
@@ -391,7 +367,7 @@ def test_spatial_loss_hand_value_zero_on_foreground():
     M = torch.ones(2, 2, dtype=torch.bool)  # no channel penalty from the true class
     md = ModelDoctor(
         model,
-        _diagnosis(model, "conv", M, (2, 4, 4)),
+        make_diagnosis(model, "conv", M, (2, 4, 4)),
         alpha=0.0,
         beta=2.0,
         input_size=(2, 4, 4),
@@ -560,7 +536,7 @@ def test_spatial_penalty_lowers_background_gradient_mass():
         F.cross_entropy(net(x[i]), y[i]).backward()
         opt.step()
     masks = torch.ones(2, 8, dtype=torch.bool)
-    diag = _diagnosis(net, "2", masks, (3, size, size))
+    diag = make_diagnosis(net, "2", masks, (3, size, size))
 
     def bg_mass(m):
         m.eval()
