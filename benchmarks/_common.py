@@ -84,6 +84,23 @@ class Precision:
             self.scaler.update()
 
 
+def add_device_args(ap, amp_help: str = "comma list of precisions: fp32, bf16, fp16") -> None:
+    """``--device`` and ``--amp``, the same in every benchmark (the GPU script passes both)."""
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--amp", default="fp32", help=amp_help)
+
+
+def parse_device_args(ap, args) -> torch.device:
+    """Turn ``--amp`` into a list of precisions and ``--device`` into a device, or exit in one line."""
+    args.amp = [v for v in args.amp.split(",") if v]
+    if any(v not in Precision.DTYPES for v in args.amp):
+        ap.error(f"--amp takes {','.join(Precision.DTYPES)}, got {args.amp}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch.cuda.is_available() is False")
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a wall-clock interval covers what the step launched."""
     if device.type == "cuda":

@@ -41,9 +41,11 @@ import timm  # noqa: E402
 import md_plugin  # noqa: E402,F401  (registers resnet32_cifar)
 from benchmarks._common import (  # noqa: E402
     Precision,
+    add_device_args,
     device_peak_bytes,
     interleaved,
     machine_info,
+    parse_device_args,
     ratio_stats,
     synchronize,
 )
@@ -137,15 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", default=None, help="comma list for every model (default: presets)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    ap.add_argument("--amp", default="fp32", help="comma list of precisions: fp32, bf16, fp16")
+    add_device_args(ap)
     args = ap.parse_args(argv)
-    args.amp = [v for v in args.amp.split(",") if v]
-    if any(v not in Precision.DTYPES for v in args.amp):
-        ap.error(f"--amp takes {','.join(Precision.DTYPES)}, got {args.amp}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda, but torch.cuda.is_available() is False")
+    device = parse_device_args(ap, args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     info = machine_info(device)

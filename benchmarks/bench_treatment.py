@@ -51,10 +51,12 @@ import timm  # noqa: E402
 import md_plugin  # noqa: E402,F401  (registers resnet32_cifar)
 from benchmarks._common import (  # noqa: E402
     Precision,
+    add_device_args,
     device_peak_bytes,
     fmt_ratio,
     interleaved,
     machine_info,
+    parse_device_args,
     ratio_stats,
     synchronize,
 )
@@ -372,21 +374,14 @@ def main(argv=None) -> int:
         help="time whole k-step cycles (default: one penalised + one lazy step per round)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    ap.add_argument(
-        "--amp",
-        default="fp32",
-        help="comma list of precisions: fp32, bf16, fp16 (fp16 = GradScaler + scaled cotangents); "
+    add_device_args(
+        ap,
+        "comma list of precisions: fp32, bf16, fp16 (fp16 = GradScaler + scaled cotangents); "
         "the reference variants and the equality check run in fp32 only",
     )
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    args.amp = [v for v in args.amp.split(",") if v]
-    if any(v not in Precision.DTYPES for v in args.amp):
-        ap.error(f"--amp takes {','.join(Precision.DTYPES)}, got {args.amp}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda, but torch.cuda.is_available() is False")
+    device = parse_device_args(ap, args)
     args.md_every = sorted({int(v) for v in args.md_every.split(",") if v})
     if any(k < 1 for k in args.md_every):
         ap.error("--md-every values must be >= 1")
