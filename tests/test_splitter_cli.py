@@ -15,6 +15,7 @@ import torch
 
 import md_plugin  # noqa: F401
 from md_plugin.cli import main
+from md_plugin.errors import ConfigError
 from md_plugin.splitter import SplitModules
 
 
@@ -111,3 +112,18 @@ def test_sigkill_then_resume_equals_uninterrupted(cifar10_root, strong, tmp_path
     assert torch.equal(a.masks, b.masks)
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a.options["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b.options["history"]]
+
+
+def test_init_ratios_take_several_values_on_the_command_line_and_in_yaml(tmp_path):
+    from md_plugin.splitter.cli import _search_config, parse_split_args
+
+    base = ["--model", "resnet20_cifar", "--checkpoint", "x.pth"]
+    args = parse_split_args([*base, "--init-ratios", ".5", ".6", "--init-ratios-sensitive", ".9"])
+    cfg = _search_config(args)
+    assert cfg.ratios == (0.5, 0.6) and cfg.ratios_sensitive == (0.9,)
+    y = tmp_path / "s.yaml"
+    y.write_text("init_ratios: [0.25, 0.35]\n")
+    cfg = _search_config(parse_split_args(["-c", str(y), *base]))
+    assert cfg.ratios == (0.25, 0.35) and cfg.ratios_sensitive == (0.5, 0.6, 0.7)
+    with pytest.raises(ConfigError, match="init ratios"):
+        _search_config(parse_split_args([*base, "--init-ratios", "1.5"]))

@@ -29,10 +29,6 @@ __all__ = ["create_split_parser", "parse_split_args", "split_main", "format_modu
 _logger = logging.getLogger("md_plugin.splitter")
 
 
-def _ratios(v: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in str(v).replace(",", " ").split())
-
-
 def _parser_class():
     from ..train.args import _Parser
 
@@ -83,9 +79,10 @@ def create_split_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-frac", type=float, default=d.keep_frac)
     s.add_argument("--alpha", type=float, default=d.alpha)
     s.add_argument("--gamma", type=float, default=d.gamma)
-    s.add_argument("--init-ratios", type=_ratios, default=d.ratios,
+    s.add_argument("--init-ratios", type=float, nargs="+", default=list(d.ratios), metavar="R",
                    help="keep ratios drawn at initialisation, later groups")  # fmt: skip
-    s.add_argument("--init-ratios-sensitive", type=_ratios, default=d.ratios_sensitive,
+    s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R",
+                   default=list(d.ratios_sensitive),
                    help="keep ratios for the first --sensitive-fraction of the groups")  # fmt: skip
     s.add_argument("--sensitive-fraction", type=float, default=d.sensitive_fraction)
     s.add_argument("--eval-mode", default=d.eval_mode, choices=["extracted", "masked"])
