@@ -8,7 +8,9 @@ import pytest
 
 from md_plugin.train.args import parse_args
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL if not p.name.startswith("split_")]  # train_md.py configs
+SPLIT_CONFIGS = [p for p in ALL if p.name.startswith("split_")]  # md-doctor split configs
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -30,3 +32,21 @@ def test_lt_recipe_and_md_configs():
     assert m.md and m.md_layers == "layer3.*.conv2" and m.loss == "balanced_softmax"
     assert m.initial_checkpoint.endswith("cifar100_lt_balanced_softmax/last.pth.tar")
     assert len(CONFIGS) >= 9
+
+
+@pytest.mark.parametrize("path", SPLIT_CONFIGS, ids=lambda p: p.name)
+def test_split_config_parses(path):
+    from md_plugin.splitter.cli import _search_config, parse_split_args
+
+    a = parse_split_args(["-c", str(path), "--checkpoint", "strong.pth.tar"])
+    cfg = _search_config(a)
+    assert a.model == "resnet20_cifar" and a.class_map and a.val_from_train
+    assert (cfg.generations, cfg.population, cfg.val_images) == (30, 20, 500)
+    root = Path(__file__).resolve().parents[1]  # the config is written for the repo root
+    assert (root / a.class_map).read_text().split() == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+    ]
