@@ -171,7 +171,7 @@ def summarize(out: Path) -> str:
     def ms(v: list[float], f: str) -> str:
         if len(v) < 2:
             return format(v[0], f)
-        return f"{format(statistics.mean(v), f)} ± {format(statistics.stdev(v), f)}"
+        return f"{format(statistics.mean(v), f)} ± {format(statistics.stdev(v), f.lstrip('+'))}"
 
     if start:
         lines.append(
