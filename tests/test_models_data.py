@@ -140,3 +140,6 @@ def test_simcnn_weak_registered_with_timm():
     assert [r.name for r in resolve_layers(m, "last_conv")] == ["features.9"]
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("simcnn_weak", pretrained=True)
+    with pytest.raises(TypeError, match="widht"):  # a misspelt kwarg is refused, not ignored
+        timm.create_model("simcnn_weak", num_classes=6, widht=8)
+    assert timm.create_model("simcnn_weak", num_classes=6, width=8).num_features == 32

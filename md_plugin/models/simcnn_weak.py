@@ -30,8 +30,9 @@ class SimCNNWeak(nn.Module):
         depth: int = 4,
         img_size: int = 32,
         drop_rate: float = 0.0,
-        **kwargs,
     ):
+        """Any other keyword is a TypeError, so a misspelt ``--model-kwargs`` is refused rather
+        than ignored (as in the CIFAR ResNets)."""
         super().__init__()
         if img_size % (2**depth) != 0:
             raise ValueError(
