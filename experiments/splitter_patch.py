@@ -180,10 +180,16 @@ def patch_stage(args, tc, strong, strong_val_loader, tf, out: Path, times) -> di
             )  # fmt: skip
         )
         for name, module, rng, st in variants:
+            # one file per variant, so a run with more seeds re-uses the variants already done
+            var_path = out / f"patch_tc{tc}_{name}.json"
+            if var_path.is_file():
+                rows[name] = json.loads(var_path.read_text())
+                continue
             t0 = time.perf_counter()
             r = evaluate_patch(PatchedModel(weak, module, weak_tc, tc, rng), loader)
             rows[name] = {**r, "range": list(rng), "module": st,
                           "eval_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            var_path.write_text(json.dumps(rows[name], indent=1))
             b, a = r["before"], r["after"]
             _log(
                 f"TC {tc} {name}: P {b['tc_precision']:.2f}->{a['tc_precision']:.2f} "
