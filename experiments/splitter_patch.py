@@ -237,7 +237,7 @@ def summarize(args, patch: list[dict], split_stats: dict, times: dict, strong_te
         f"+{PAPER['non_tc_acc']} |"
     )
     lines += ["", "Splits (held-out validation images of the strong model):", "",
-              "| split | composed acc | strong acc | loss | mean kernels / FLOPs (%) | best gen |",
+              "| split | composed acc | strong acc | loss | mean kernels / FLOPs (%) | best gen (1-based) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in split_stats.items():
         mk = sum(m["kernels_pct"] for m in s["modules"]) / len(s["modules"])
@@ -245,7 +245,7 @@ def summarize(args, patch: list[dict], split_stats: dict, times: dict, strong_te
         lines.append(
             f"| {name} | {s['composed_acc']:.2f} | {s['strong_acc']:.2f} | "
             f"{(s['strong_acc'] - s['composed_acc']) / 100:.4f} | {mk:.1f} / {mf:.1f} | "
-            f"{s.get('best_generation', '')} |"
+            f"{'-' if s.get('best_generation') is None else s['best_generation'] + 1} |"
         )
     lines += ["", f"Strong model test top-1 (classes 0-4, read once): {strong_test.get('top1')}",
               "", "Wall time per stage (s, with 1-min load average at start/end):", ""]  # fmt: skip
