@@ -152,33 +152,32 @@ def main() -> None:
         from md_plugin.metrics import SHOT_GROUPS, shot_accuracy, shot_groups
 
         groups = shot_groups(counts)
+        present = [g for g in SHOT_GROUPS if groups[g]]  # CIFAR-10-LT has no few-shot class
         w("#### Many / medium / few-shot test accuracy (%), mean of per-class accuracy\n")
         w("Groups by training images per class (> 100, 20-100, < 20): "
           + "; ".join(f"{g} = classes {groups[g]}" for g in SHOT_GROUPS) + ".\n")  # fmt: skip
         w(
             "| arm | "
-            + " | ".join(SHOT_GROUPS)
+            + " | ".join(present)
             + " | paired Δ to control ("
-            + ", ".join(SHOT_GROUPS)
+            + ", ".join(present)
             + ") |"
         )
-        w("|---" * (2 + len(SHOT_GROUPS)) + "|")
+        w("|---" * (2 + len(present)) + "|")
 
         def shots(pc: dict[str, float]) -> dict[str, float]:
             return shot_accuracy([pc[c] for c in classes], counts)
 
         st = shots(start_pc)
-        w("| start checkpoint | " + " | ".join(f"{st[g]:.2f}" for g in SHOT_GROUPS) + " | - |")
+        w("| start checkpoint | " + " | ".join(f"{st[g]:.2f}" for g in present) + " | - |")
         for arm in arms:
             per_seed = {s: shots(data[arm][s]["per_class"]) for s in sorted(data[arm])}
-            cells = [ms([v[g] for v in per_seed.values()]) for g in SHOT_GROUPS]
+            cells = [ms([v[g] for v in per_seed.values()]) for g in present]
             delta = "-"
             if arm != "ctl" and "ctl" in data:
                 seeds = sorted(set(per_seed) & set(data["ctl"]))
                 ctl = {s: shots(data["ctl"][s]["per_class"]) for s in seeds}
-                delta = ", ".join(
-                    ms([per_seed[s][g] - ctl[s][g] for s in seeds]) for g in SHOT_GROUPS
-                )
+                delta = ", ".join(ms([per_seed[s][g] - ctl[s][g] for s in seeds]) for g in present)
             w(f"| {ARMS[arm]} | " + " | ".join(cells) + f" | {delta} |")
         w("")
 
