@@ -26,6 +26,10 @@ stats() {  # stats NAME CHECKPOINT: the irrelevant share on images no run fit, o
 
 job() {  # job NAME ARGS...: one run, its held-out statistic, the load at start and end
   local t0=$SECONDS
+  if [[ -f "$OUT/$1/DONE" ]]; then # finished earlier: keep its load record
+    stats "$1" "$OUT/$1/last.pth.tar"
+    return
+  fi
   echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/$1.load"
   run "$@"
   echo "train wall $((SECONDS - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/$1.load"

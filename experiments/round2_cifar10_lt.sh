@@ -3,7 +3,7 @@
 # scratch with a stratified hold-out, then the four arms x 3 seeds of round2_cifar10.sh.
 # The plan (fixed before any run) is in docs/results.md, "Start point B".
 #
-#     . .venv/bin/activate && bash experiments/round2_cifar10_lt.sh   # one core, ~90 min idle
+#     . .venv/bin/activate && bash experiments/round2_cifar10_lt.sh   # ~75 min on one core (measured)
 #
 # Outputs: experiments/runs/round2_cifar10_lt/{baseline,start,<arm>_s<seed>}/ and their logs.
 # The test split is read once per run, at its end (test_results.json); the hold-out (1,000 of
