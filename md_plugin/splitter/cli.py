@@ -97,14 +97,10 @@ def create_split_parser() -> argparse.ArgumentParser:
 
 def parse_split_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: YAML defaults, then the command line (as train_md.py)."""
-    from ..train.args import load_config
+    from ..train.args import apply_config
 
-    pre = _parser_class()(add_help=False)
-    pre.add_argument("-c", "--config", default="")
-    known, _ = pre.parse_known_args(argv)
     parser = create_split_parser()
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
+    apply_config(parser, argv, _parser_class())
     args = parser.parse_args(argv)
     if not args.model or not args.checkpoint:
         raise ConfigError("md-doctor split needs --model and --checkpoint (the strong model)")

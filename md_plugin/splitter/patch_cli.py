@@ -91,14 +91,10 @@ def create_patch_parser() -> argparse.ArgumentParser:
 
 def parse_patch_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse (YAML defaults, then flags), then the checks train_md.py would make."""
-    from ..train.args import _Parser, load_config
+    from ..train.args import apply_config
 
-    pre = _Parser(add_help=False)
-    pre.add_argument("-c", "--config", default="")
-    known, rest = pre.parse_known_args(argv)
     parser = create_patch_parser()
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
+    known, rest = apply_config(parser, argv)
     args = parser.parse_args(rest)
     args.config = known.config
     for flag in ("weak_model", "weak_checkpoint", "strong_model", "strong_checkpoint"):

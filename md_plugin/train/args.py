@@ -1023,16 +1023,31 @@ def _check_combinations(args: argparse.Namespace) -> None:
             )
 
 
+def apply_config(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    pre_cls: type[argparse.ArgumentParser] | None = None,
+    ignore_unknown_flag: bool = False,
+) -> tuple[argparse.Namespace, list[str]]:
+    """First stage of the two-stage parse every command shares: read ``-c/--config`` (and, with
+    ``ignore_unknown_flag``, ``--ignore-unknown-keys``) and make the YAML the parser's defaults,
+    so the command line wins. Returns the first stage's namespace and the remaining arguments."""
+    pre = (pre_cls or _Parser)(add_help=False)
+    pre.add_argument("-c", "--config", default="")
+    if ignore_unknown_flag:
+        pre.add_argument("--ignore-unknown-keys", action="store_true", default=False)
+    known, rest = pre.parse_known_args(argv)
+    if known.config:
+        ignore = ignore_unknown_flag and known.ignore_unknown_keys
+        parser.set_defaults(**load_config(known.config, parser, ignore))
+    return known, rest
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: YAML defaults, then the command line."""
-    config_parser = _Parser(add_help=False)
-    config_parser.add_argument("-c", "--config", default="")
-    config_parser.add_argument("--ignore-unknown-keys", action="store_true", default=False)
-    known, _ = config_parser.parse_known_args(argv)
     parser = create_parser()
+    apply_config(parser, argv, ignore_unknown_flag=True)
     argv = list(argv) if argv is not None else None
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser, known.ignore_unknown_keys))
     args = parser.parse_args(argv)
     _validate(args)
     _warn_inert(args)
