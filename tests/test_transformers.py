@@ -207,6 +207,15 @@ def test_channel_loss_equals_the_permuted_reference(name, layer, channel_dim):
     assert parts["md_channel"].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def _true_class_grad(m, ref, x1, label):
+    """d logit[label] / d (output of ref's module) for one image, by a plain forward hook."""
+    box = {}
+    h = ref.module.register_forward_hook(lambda mod, i, o: box.setdefault("a", o))
+    out = m(x1)
+    h.remove()
+    return torch.autograd.grad(out[0, label], box["a"])[0]
+
+
 def test_spatial_loss_on_tokens_uses_the_patch_grid_not_the_class_token():
     m = _model("vit_tiny_patch16_224")
     ref, _, diag = _diag_for(m, "blocks.0")  # patch tokens feed block 1
@@ -221,11 +230,7 @@ def test_spatial_loss_on_tokens_uses_the_patch_grid_not_the_class_token():
     # reference: per sample, patch tokens 1..16 laid out row-major on the 4x4 grid, by hand
     total = 0.0
     for b in range(2):
-        box = {}
-        h = ref.module.register_forward_hook(lambda mod, i, o, box=box: box.setdefault("a", o))
-        out = m(x[b : b + 1])
-        h.remove()
-        (g,) = torch.autograd.grad(out[0, y[b]], box["a"])
+        g = _true_class_grad(m, ref, x[b : b + 1], y[b])
         grid = g[0, 1:, :].reshape(4, 4, -1)  # [h, w, C]
         assert g[0, 0].abs().sum() > 0  # the class token has gradient, but no position
         total += grid[2:].abs().sum().item()  # background rows
@@ -284,11 +289,7 @@ def test_report_gradient_maps_sum_over_the_real_channels(name, layer):
     y = [1, 2]
     maps = spatial_gradient_maps(m, ref.module, x, y, to_map=ref.spatial_map)
     for b in range(2):
-        box = {}
-        h = ref.module.register_forward_hook(lambda mod, i, o, box=box: box.setdefault("a", o))
-        out = m(x[b : b + 1])
-        h.remove()
-        (g,) = torch.autograd.grad(out[0, y[b]], box["a"])
+        g = _true_class_grad(m, ref, x[b : b + 1], y[b])
         g = g[0, 1:].reshape(4, 4, -1) if ref.layout == "nlc" else g[0]  # [h, w, C] by hand
         expected = g.clamp_min(0).sum(-1)
         expected = expected / expected.max()
