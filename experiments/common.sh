@@ -3,7 +3,11 @@
 # 40-170 img/s whenever another process held a core (measured), against ~270 img/s with 1.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=${PYTHON:-python}
-DATA=${DATA_DIR:-/work/shared/data}
+if [[ -z "${DATA_DIR:-}" ]]; then
+  echo "error: set DATA_DIR to the folder that holds cifar-10-batches-py (e.g. DATA_DIR=../shared/data)" >&2
+  exit 2
+fi
+DATA=$DATA_DIR
 
 run() {  # run NAME ARGS...: one training, logged to $OUT/NAME.log
   local name=$1

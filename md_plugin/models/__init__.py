@@ -1,6 +1,7 @@
 """Model definitions registered with timm (import registers them)."""
 
 from .cifar_resnet import CifarResNet
+from .simcnn import SimCNN
 from .simcnn_weak import SimCNNWeak
 
-__all__ = ["CifarResNet", "SimCNNWeak"]
+__all__ = ["CifarResNet", "SimCNN", "SimCNNWeak"]
