@@ -15,7 +15,6 @@ set -euo pipefail
 OUT=${OUT:-experiments/runs/round2_cifar10_lt}
 PAR=${PAR:-1}
 HOLD=1000
-GRID=(4.2 1.9 0.9 0.42)  # the rule's 4.2 down to 0.1 of it, ~x2.15 apart (fixed before any run)
 CK="$OUT/baseline/model_best.pth.tar"
 START="$OUT/start"
 for f in "$CK" "$START/alpha.json" "$OUT/ctl_s0/summary.csv"; do
@@ -29,19 +28,25 @@ BASE=(--model resnet20_cifar "${LT[@]}" -b 128 --opt sgd --momentum 0.9 --weight
 STATS=(--dataset cifar10_lt --val-from-train "$HOLD")
 . "$(dirname "$0")/round2_arms.sh" # FINETUNE, ARM, stats, job, run_arms
 COMMON=("${BASE[@]}" "${FINETUNE[@]}")
+# The grid: the rule's alpha (round two's share arm, alpha.json) down to a tenth of it, log-spaced
+# (x1, /2.15, /4.64, /10), two significant digits (fixed before any run; amended 2026-12-04).
+read -r -a GRID <<<"$("$PY" -c "
+a = $A_SHARE
+print(' '.join(f'{v:.2g}' for v in (a, a / 2.15, a / 4.64, a / 10)))")"
+echo "[$(date -Is)] grid: ${GRID[*]} (rule: $A_SHARE)"
 for a in "${GRID[@]}"; do
   ARM[sharea${a/./p}]="--md-loss share --md-alpha $a"
 done
 
-# Stage 1: the grid at seed 0 (alpha 4.2 is round two's share_s0: the same command, re-used).
+# Stage 1: the grid at seed 0 (the rule's alpha is round two's share_s0: the same command, re-used).
 ORDER=""
 for a in "${GRID[@]:1}"; do ORDER+=" sharea${a/./p}_s0"; done
 run_arms
 # Stage 2: the alpha the hold-out chooses, seeds 1 and 2 (seed 0 is its grid run).
 CHOSEN=$("$PY" experiments/choose_alpha.py --runs "$OUT" --grid "${GRID[@]}" \
-  --out "$OUT/chosen_alpha.json")
+  --rule-alpha "${GRID[0]}" --out "$OUT/chosen_alpha.json")
 echo "[$(date -Is)] chosen alpha (hold-out): $CHOSEN"
-if [[ $CHOSEN != "4.2" ]]; then
+if [[ $CHOSEN != "${GRID[0]}" ]]; then
   ORDER="sharea${CHOSEN/./p}_s1 sharea${CHOSEN/./p}_s2"
   run_arms
 fi
