@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 import md_plugin  # noqa: F401  (registers the CIFAR ResNets and simcnn_weak)
@@ -15,6 +16,7 @@ from md_plugin.splitter import (
     create_split_graph,
     extract_module,
 )
+from md_plugin.splitter.masking import create_reading_model
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -60,6 +62,19 @@ class DepthwiseNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class ConcatNet(nn.Module):
+    """Two convs side by side: their channel spaces are laid next to each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+
+
 FAMILIES = {
     "resnet20_cifar": lambda: timm.create_model("resnet20_cifar", num_classes=10),
     "resnet32_cifar": lambda: timm.create_model("resnet32_cifar", num_classes=10),
@@ -68,6 +83,13 @@ FAMILIES = {
     "vgg16_bn": lambda: timm.create_model("vgg16_bn", num_classes=10, mlp_ratio=1 / 64),
     "simcnn_weak": lambda: timm.create_model("simcnn_weak", num_classes=6),
     "depthwise": DepthwiseNet,
+    "concat": ConcatNet,
+    # squeeze-excitation, inverted residuals, concatenation, grouped convs (issue 23)
+    "seresnet18": lambda: timm.create_model("seresnet18", num_classes=5),
+    "mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
+    "efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=5),
+    "densenet121": lambda: timm.create_model("densenet121", num_classes=5),
+    "regnety_002": lambda: timm.create_model("regnety_002", num_classes=5),
 }
 
 
@@ -128,23 +150,14 @@ def test_depthwise_is_tied_to_its_expansion():
     assert len(sg.groups) == 2  # stem+project stream, expansion (with the depthwise conv)
 
 
-class ConcatNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
-
-
 class GroupedNet(nn.Module):
+    """A grouped conv with 4 input and 8 output channels per group (no whole-group coupling)."""
+
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.fc = nn.Linear(8, 2)
+        self.b = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+        self.fc = nn.Linear(16, 2)
 
     def forward(self, x):
         return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
@@ -161,9 +174,54 @@ class SigmoidNet(nn.Module):
         return self.fc(self.act(self.a(x)).mean((2, 3)))
 
 
+class HardsigmoidNet(nn.Module):
+    """hardsigmoid(0) = 0.5 feeding a conv: a removed channel would still reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.Hardsigmoid()
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(self.act(self.a(x)))).mean((2, 3)))
+
+
+class SpatialGateNet(nn.Module):
+    """A one-channel gate broadcast over all channels (spatial attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.s = nn.Conv2d(8, 1, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        return self.fc((x * torch.sigmoid(self.s(x))).mean((2, 3)))
+
+
+class ChannelMeanNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        return self.fc((x * x.mean(1, keepdim=True)).mean((2, 3)))
+
+
 @pytest.mark.parametrize(
     "net, words",
-    [(ConcatNet, "cat"), (GroupedNet, "grouped convolution"), (SigmoidNet, "Sigmoid")],
+    [
+        (GroupedNet, "grouped convolution"),
+        (SigmoidNet, "Sigmoid"),
+        (HardsigmoidNet, "Hardsigmoid"),
+        (SpatialGateNet, "broadcasts across channels"),
+        (ChannelMeanNet, "over the channels"),
+    ],
 )
 def test_unsupported_architectures_are_refused(net, words):
     with pytest.raises(UnsupportedArchitecture, match=words) as e:
@@ -178,3 +236,74 @@ def test_shared_activation_module_is_split_by_call():
     assert {"layer1_0_act", "layer1_0_act_1"} <= reads
     owner = {r: g.index for g in sg.groups for r in g.reads}
     assert owner["layer1_0_act"] != owner["layer1_0_act_1"]
+
+
+def _owners(sg) -> dict:
+    return {p: g for g in sg.groups for p in g.producers}
+
+
+def test_squeeze_excitation_gate_joins_the_channels_it_scales():
+    sg = create_split_graph(timm.create_model("efficientnet_b0", num_classes=5), (3, 32, 32))
+    owner = _owners(sg)
+    # the expand conv's channels are the gated channels (those of the expansion conv_pw) ...
+    assert owner["blocks.1.0.se.conv_expand"] is owner["blocks.1.0.conv_pw"]
+    # ... and the SE's inner width is a group of its own, read after its activation
+    inner = owner["blocks.1.0.se.conv_reduce"]
+    assert inner.producers == ["blocks.1.0.se.conv_reduce"]
+    assert inner.reads == ["blocks_1_0_se_act1"]
+    sites = {s for g in sg.groups for s in g.sites}
+    assert not {"blocks_1_0_se_conv_expand", "blocks_1_0_se_gate"} & sites  # no mask on the gate
+
+
+def test_mobilenetv3_conv_head_after_the_pool_is_head():
+    sg = create_split_graph(timm.create_model("mobilenetv3_small_050", num_classes=5), (3, 32, 32))
+    assert "conv_head" not in _owners(sg)  # kept whole, like vgg's pre-logits ConvMlp
+    assert sg.layouts["conv_head"] == sg.layouts["classifier"] and sg.layouts["conv_head"][0] < 0
+
+
+class _Record(fx.Interpreter):
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.seen[n.name] = out
+        return out
+
+
+def test_densenet_groups_lie_side_by_side_and_are_masked_after_every_consumer_bn():
+    model = _randomise_bn(timm.create_model("densenet121", num_classes=5))
+    sg = create_split_graph(model, (3, 32, 32))
+    g = _owners(sg)["features.denseblock1.denselayer1.conv2"]
+    consumers = [f"features_denseblock1_denselayer{i}_norm1" for i in range(2, 7)]
+    consumers.append("features_transition1_norm")
+    assert g.sites == ["features_denseblock1_denselayer1_conv2", *consumers]
+    assert g.reads == consumers  # its post-activation values: every consumer's BN + ReLU
+    stem = _owners(sg)["features.conv0"]
+    assert sg.segments("features_denseblock1_denselayer2_norm1") == [
+        (stem.index, 0, 64),
+        (g.index, 64, 32),
+    ]
+    # importance: the group's slice of every read point, spatial L1 summed
+    x = torch.randn(2, 3, 32, 32)
+    rec = _Record(sg.gm)
+    rec.seen = {}
+    with torch.no_grad():
+        rec.run(x)
+        _, reads = create_reading_model(sg)(x)
+    want = 0
+    for r in g.reads:
+        _, start, width = next(s for s in sg.segments(r) if s[0] == g.index)
+        want = want + rec.seen[r][:, start : start + width].abs().sum((2, 3))
+    torch.testing.assert_close(reads[g.index], want)
+
+
+def test_regnet_grouped_conv_keeps_whole_conv_groups():
+    model = _randomise_bn(timm.create_model("regnety_002", num_classes=5))
+    sg = create_split_graph(model, (3, 32, 32))
+    g = _owners(sg)["s1.b1.conv1.conv"]  # conv1 -> grouped conv2 (group width 8) -> SE
+    assert g.unit == 8 and g.channels == 24 // 8 and g.kernels == 2 * 8
+    assert "s1.b1.se.fc2" in g.producers
+    masks = [torch.ones(grp.channels, dtype=torch.bool) for grp in sg.groups]
+    masks[g.index] = torch.tensor([True, False, True])
+    conv2 = extract_module(sg, masks).get_submodule("s1.b1.conv2.conv")
+    assert (conv2.groups, conv2.in_channels, conv2.out_channels) == (2, 16, 16)
+    _, reads = create_reading_model(sg)(torch.randn(2, 3, 32, 32))
+    assert reads[g.index].shape == (2, 3)  # importance per conv group

@@ -1,9 +1,11 @@
 """Physical extraction: the narrower network a module stands for, and its cost.
 
-Every convolution keeps ``W[out_keep][:, in_keep]``, every BatchNorm its kept channels, the
-first head layer its kept input columns; the rest of the head is kept whole, so the module
-still emits all N logits (spec section 5). With act(0) = 0 this computes exactly what the
-masked model computes; tests check it per model family.
+Every convolution keeps ``W[out_keep][:, in_keep]`` (a grouped or depthwise conv its kept conv
+groups), every BatchNorm its kept channels, the first head layer its kept input columns; the
+rest of the head is kept whole, so the module still emits all N logits (spec section 5). A
+tensor holding several groups side by side (after a concatenation) keeps each group's kept
+channels at that group's place. This computes exactly what the masked model computes; tests
+check it per model family.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .groups import _HEAD, _INPUT, SplitGraph
+from .groups import SplitGraph
+from .handlers import HEAD
 
 __all__ = ["IndexShortcut", "extract_module", "count_cost"]
 
@@ -36,10 +39,6 @@ class IndexShortcut(nn.Module):
         valid = self.src >= 0
         out[:, valid] = x[:, self.src[valid]]
         return out
-
-
-def _idx(keep: Sequence[torch.Tensor], space: int) -> torch.Tensor | None:
-    return None if space in (_INPUT, _HEAD) else keep[space]
 
 
 def _set_param(m: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -69,48 +68,67 @@ def _set_submodule(gm: nn.Module, target: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def extract_module(sg: SplitGraph, masks: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """The physically narrower copy of the model that keeps ``masks[g]`` channels of group g.
+    """The physically narrower copy of the model that keeps ``masks[g]`` of group g.
 
-    Every group must keep at least one channel (the decoder guarantees it).
+    Args:
+        sg: the split graph of the strong model.
+        masks: one bool vector per group, one entry per unit (``ChannelGroup.channels``);
+            every group must keep at least one (the decoder guarantees it).
+
+    Returns:
+        The extracted network in eval mode; it shares no parameter with the strong model.
     """
-    keep = [torch.as_tensor(m).bool().nonzero().flatten() for m in masks]
-    for g, k in zip(sg.groups, keep):
+    keep = []
+    for g, m in zip(sg.groups, masks):
+        k = g.expand(torch.as_tensor(m).bool()).nonzero().flatten()
         if k.numel() == 0:
             raise ValueError(f"group {g.name!r} keeps no channel")
+        keep.append(k)
     gm = _shallow_copy(sg.gm)
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = modules[node.target]
-        src_nodes = [a for a in node.all_input_nodes if a.name in sg.node_group]
-        src = sg.node_group[src_nodes[0].name] if src_nodes else _INPUT
-        out_space = sg.node_group.get(node.name, _HEAD)
-        in_idx = _idx(keep, src)
-        if node.name in sg.shortcuts:
-            gin, gout, off = sg.shortcuts[node.name]
-            kin = keep[gin].tolist()
-            pos = {c: i for i, c in enumerate(kin)}
-            s = [pos.get(int(j) - off, -1) for j in keep[gout]]
-            _set_submodule(gm, node.target, IndexShortcut(m.stride, torch.tensor(s)))
-        elif isinstance(m, nn.Conv2d) and out_space >= 0:
-            out_idx = keep[out_space]
-            if m.groups == 1:
-                w = m.weight[out_idx]
-                _set_param(m, "weight", w if in_idx is None else w[:, in_idx])
-                if in_idx is not None:
-                    m.in_channels = int(in_idx.numel())
-            else:  # depthwise: in == out space
-                _set_param(m, "weight", m.weight[out_idx])
-                m.in_channels = m.groups = int(out_idx.numel())
-            if m.bias is not None:
-                _set_param(m, "bias", m.bias[out_idx])
-            m.out_channels = int(out_idx.numel())
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and in_idx is not None:
-            _slice_bn(m, in_idx)
-        elif in_idx is not None and out_space == _HEAD:
-            _slice_head_input(sg, node, src_nodes[0].name, m, in_idx)
+        if node.op == "call_module":
+            _slice_module(sg, gm, node, modules[node.target], keep)
     return gm.eval()
+
+
+def _slice_module(
+    sg: SplitGraph, gm: nn.Module, node: fx.Node, m: nn.Module, keep: list[torch.Tensor]
+) -> None:
+    """Slice one module's channels to the kept ones of its input and output layouts."""
+    src = next((a.name for a in node.all_input_nodes if a.name in sg.layouts), None)
+    in_idx = sg.channel_index(src, keep) if src is not None else None
+    out_idx = sg.channel_index(node.name, keep) if node.name in sg.layouts else None
+    if node.name in sg.shortcuts:
+        gin, gout, off = sg.shortcuts[node.name]
+        pos = {c: i for i, c in enumerate(keep[gin].tolist())}
+        s = [pos.get(int(j) - off, -1) for j in keep[gout]]
+        _set_submodule(gm, node.target, IndexShortcut(m.stride, torch.tensor(s)))
+    elif isinstance(m, nn.Conv2d) and out_idx is not None:
+        _slice_conv(m, in_idx, out_idx)
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm) and in_idx is not None:
+        _slice_bn(m, in_idx)
+    elif in_idx is not None and sg.layouts.get(node.name) == (HEAD,):
+        _slice_head_input(sg, node, src, m, in_idx)
+
+
+def _slice_conv(m: nn.Conv2d, in_idx: torch.Tensor | None, out_idx: torch.Tensor) -> None:
+    """Keep output channels ``out_idx`` and input channels ``in_idx``. A grouped (or
+    depthwise) conv keeps its input's channels, whole conv groups of them, so it stays an
+    equal-group conv with fewer groups."""
+    w = m.weight[out_idx]
+    if m.groups == 1:
+        _set_param(m, "weight", w if in_idx is None else w[:, in_idx])
+        if in_idx is not None:
+            m.in_channels = int(in_idx.numel())
+    else:
+        per_group = m.in_channels // m.groups
+        _set_param(m, "weight", w)
+        m.in_channels = int(out_idx.numel())
+        m.groups = m.in_channels // per_group
+    if m.bias is not None:
+        _set_param(m, "bias", m.bias[out_idx])
+    m.out_channels = int(out_idx.numel())
 
 
 def _shallow_copy(m: nn.Module) -> nn.Module:
@@ -134,7 +152,7 @@ def _slice_head_input(
 ) -> None:
     """The first head layer reads the kept channels only (a flattened C*H*W map: their cells)."""
     if isinstance(m, nn.Linear):
-        width = sg.groups[sg.node_group[src]].channels
+        width = sum(w for _, _, w in sg.segments(src))
         hw = m.in_features // width
         if hw * width != m.in_features:
             raise ValueError(f"{node.target}: {m.in_features} inputs for {width} channels")

@@ -329,10 +329,12 @@ def modules_from_diagnosis(
                 f"diagnose one of: {', '.join(sorted(owner)[:8])} ..."
             )
         g = owner[name]
+        unit = sg.groups[g].unit
         for i, c in enumerate(classes):
             m = ld.masks[c].bool().clone()
             if not m.any():
                 m[ld.scores[c].argmax()] = True
+            m = m.view(-1, unit).any(1)  # a grouped conv's whole conv group (unit) is kept
             per_class[i][g] = per_class[i][g] & m
     return create_split_modules(
         model, sg, classes, per_class, options=dict(source="diagnosis", **diagnosis.options)
