@@ -75,6 +75,22 @@ class ConcatNet(nn.Module):
         return self.fc(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
 
 
+class RootNet(nn.Module):
+    """DLA's root: a block's output and its input (one group, through the add) side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.root = nn.Sequential(nn.Conv2d(16, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(x + self.block(x))
+        return self.fc(self.root(torch.cat([y, x], 1)).mean((2, 3)))
+
+
 FAMILIES = {
     "resnet20_cifar": lambda: timm.create_model("resnet20_cifar", num_classes=10),
     "resnet32_cifar": lambda: timm.create_model("resnet32_cifar", num_classes=10),
@@ -84,6 +100,7 @@ FAMILIES = {
     "simcnn_weak": lambda: timm.create_model("simcnn_weak", num_classes=6),
     "depthwise": DepthwiseNet,
     "concat": ConcatNet,
+    "concat_one_group_twice": RootNet,
     # squeeze-excitation, inverted residuals, concatenation, grouped convs (issue 23)
     "seresnet18": lambda: timm.create_model("seresnet18", num_classes=5),
     "mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
@@ -307,3 +324,13 @@ def test_regnet_grouped_conv_keeps_whole_conv_groups():
     assert (conv2.groups, conv2.in_channels, conv2.out_channels) == (2, 16, 16)
     _, reads = create_reading_model(sg)(torch.randn(2, 3, 32, 32))
     assert reads[g.index].shape == (2, 3)  # importance per conv group
+
+
+def test_a_group_may_lie_twice_in_a_concatenation():
+    sg = create_split_graph(RootNet(), (3, 8, 8))
+    stream = _owners(sg)["stem.0"]
+    assert stream.producers == ["stem.0", "block.0"]
+    assert [(gi, start) for gi, start, _ in sg.segments("cat")] == [
+        (stream.index, 0),
+        (stream.index, 8),
+    ]

@@ -79,7 +79,8 @@ class SplitGraph:
     """A traced model with its channel groups and, per node, the groups of its channels.
 
     ``layouts[node]``: the group indices of a tensor node's channels, side by side along dim 1
-    (one for most nodes, several after a concatenation), or ``(INPUT,)`` / ``(HEAD,)`` for the
+    (one for most nodes, several after a concatenation; a group may appear twice, e.g. DLA
+    concatenates a block's input and output, which an add has made one group), or ``(INPUT,)`` / ``(HEAD,)`` for the
     image and the head (constants of :mod:`.handlers`). ``node_group``: the same for the nodes
     that hold exactly one group (or INPUT / HEAD); a concatenation's nodes are not in it.
     """
@@ -221,13 +222,7 @@ def _collect_groups(tr: Trace):
     def group_of(sid: int) -> int:
         return roots[tr.uf.find(sid)] if sid >= 0 else sid
 
-    layouts: dict[str, tuple[int, ...]] = {}
-    for n, lay in tr.layout.items():
-        layouts[n] = tuple(group_of(s) for s in lay)
-        if len(set(layouts[n])) != len(lay):
-            raise UnsupportedArchitecture(
-                f"{tr.model_name}: {n} holds the channels of one group twice"
-            )
+    layouts = {n: tuple(group_of(s) for s in lay) for n, lay in tr.layout.items()}
     for points, attr in ((tr.sites, "sites"), (tr.reads, "reads")):
         for n, lay in points:
             for s in lay:

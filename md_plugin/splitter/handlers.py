@@ -491,6 +491,10 @@ FUNCTION_HANDLERS = (  # call_function targets and call_method names; first matc
 def _on_call_function(tr: Trace, node: fx.Node) -> None:
     ins = tr.tensor_args(node)
     if node.name not in tr.shapes or not ins:
+        if isinstance(node.meta.get("tensor_meta"), (tuple, list)) and any(
+            _body(tr.layout[a.name]) for a in ins
+        ):
+            raise tr.fail(node, "splitting a feature map into several tensors is not supported")
         return  # shape arithmetic etc.
     t = node.target
     handler = next((h for test, h in FUNCTION_HANDLERS if test(t)), _on_unknown_function)

@@ -108,11 +108,17 @@ def create_reading_model(sg: SplitGraph) -> fx.GraphModule:
             for r in g.reads:
                 s = sums[r]
                 segs = sg.segments(r)
-                if len(segs) > 1:  # the group's slice of a concatenation
-                    start = next(st for gi, st, _ in segs if gi == g.index)
-                    cols = (slice(None), slice(start, start + g.width))
-                    s = gm.graph.call_function(operator.getitem, (s, cols))
-                acc = s if acc is None else gm.graph.call_function(torch.add, (acc, s))
+                parts = [s]
+                if len(segs) > 1:  # the group's slice(s) of a concatenation
+                    parts = [
+                        gm.graph.call_function(
+                            operator.getitem, (s, (slice(None), slice(st, st + g.width)))
+                        )
+                        for gi, st, _ in segs
+                        if gi == g.index
+                    ]
+                for part in parts:
+                    acc = part if acc is None else gm.graph.call_function(torch.add, (acc, part))
             if g.unit > 1:  # one entry per unit
                 acc = gm.graph.call_method("reshape", (acc, (-1, g.channels, g.unit)))
                 acc = gm.graph.call_method("sum", (acc, -1))
