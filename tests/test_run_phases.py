@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from md_plugin.rundir import LOCK_NAME, STATE_NAME
 from md_plugin.train import report_hook
 from md_plugin.train.checkpoint import load_checkpoint_file
 from md_plugin.train.main import cli
-from md_plugin.train.rundir import LOCK_NAME, STATE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
+from md_plugin import rundir
 from md_plugin.errors import ConfigError
-from md_plugin.train import rundir
-from md_plugin.train.rundir import RunDirBusy, RunDirLock, prepare_run_dir
+from md_plugin.rundir import RunDirBusy, RunDirLock, prepare_run_dir
 
 _HOLDER = """
 import fcntl, json, os, socket, sys, time
@@ -109,3 +109,49 @@ def test_run_folder_that_is_a_file_or_unwritable_is_one_error(tmp_path):
         finally:
             ro.chmod(0o700)
     assert prepare_run_dir(tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize("started", ["yesterday", 1e300, -5, [1], True, None])
+def test_lock_record_with_a_garbled_start_time_is_one_line(tmp_path, started):
+    """Issue 19 item 8: a lock file whose ``started`` is not a time (edited, or written by
+    something else) was a TypeError traceback; the holder is still named, the time reads "?"."""
+    import fcntl
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock_file = tmp_path / rundir.LOCK_NAME
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held (by this test) for the record of another pid
+        record = {"pid": gone.pid, "host": socket.gethostname(), "started": started}
+        os.write(fd, json.dumps(record).encode())
+        with pytest.raises(RunDirBusy) as e:
+            RunDirLock(tmp_path).acquire()
+        assert f"(pid {gone.pid} on host {socket.gethostname()}, started ?)" in str(e.value)
+    finally:
+        os.close(fd)
+    # the holder is gone: taken over, and the take-over line is one line too
+    lock = RunDirLock(tmp_path).acquire()
+    assert lock.describe_takeover().endswith("started ?)")
+    lock.release()
+
+
+def test_lock_record_with_a_process_group_pid_is_stale(tmp_path, monkeypatch):
+    """A pid of 0 or below names a process group (``kill(0, 0)`` always succeeds): not a run."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    host = socket.gethostname()
+    for pid in (0, -1, 2**80):
+        (tmp_path / rundir.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host}))
+        lock = RunDirLock(tmp_path).acquire()
+        lock.release()
+
+
+def test_old_import_path_is_the_same_lock():
+    from md_plugin.train import rundir as old
+
+    assert old.RunDirLock is RunDirLock and old.read_phase is rundir.read_phase

@@ -67,7 +67,7 @@ class RunContext:
     class_names: list[str] = field(default_factory=list)
     val_is_test: bool = False  # torchvision CIFAR: the "validation" split is the test set
     out_dir: Path = Path()
-    lock: Any = None  # md_plugin.train.rundir.RunDirLock held by the main process for the run
+    lock: Any = None  # md_plugin.rundir.RunDirLock held by the main process for the run
     phase_at_start: str | None = None  # run_state.json's phase when this process started
     finished: bool = False  # --resume of a run that already finished
 

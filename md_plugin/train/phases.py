@@ -34,12 +34,12 @@ import torch
 import yaml
 
 from ..errors import ConfigError, MDError
+from ..rundir import advance_phase, changed_settings, read_phase
 from .args import args_to_yaml_dict
 from .checkpoint import CheckpointManager, load_checkpoint_file, load_weights
 from .context import RunContext, Summary, atomic_text
 from .engine import TrainingAborted, TrainState, evaluate, train_one_epoch
 from .recipe import set_mixup_epoch
-from .rundir import advance_phase, changed_settings, read_phase
 
 __all__ = [
     "create_accelerator",
@@ -214,7 +214,7 @@ def _run_dir_of(path: Path) -> Path:
 
 def _lock_run_dir(ctx: RunContext) -> None:
     """Create the run folder and take its lock (main process); every rank stops on failure."""
-    from .rundir import RunDirLock, prepare_run_dir
+    from ..rundir import RunDirLock, prepare_run_dir
 
     err: str | None = None
     if ctx.is_main:
