@@ -141,9 +141,9 @@ def _data(args: argparse.Namespace):
     from timm.data import resolve_data_config
 
     from .. import models  # noqa: F401
+    from ..checkpoint import load_weights
     from ..data.datasets import TransformedDataset, create_datasets, get_targets
     from ..data.transforms import create_eval_transform
-    from ..train.checkpoint import load_weights
 
     size = args.input_size[-1] if args.input_size else 32
     splits = create_datasets(

@@ -133,9 +133,9 @@ def _create(name: str, num_classes: int) -> nn.Module:
 
 def _num_classes_of(path: str) -> int:
     """Outputs of a checkpoint's classifier: the last 2-D weight's first dimension."""
-    from ..train.checkpoint import _state_dict, load_checkpoint_file
+    from ..checkpoint import load_checkpoint_file, state_dict_of
 
-    sd = _state_dict(load_checkpoint_file(path))
+    sd = state_dict_of(load_checkpoint_file(path))
     mats = [v for v in sd.values() if isinstance(v, torch.Tensor) and v.dim() == 2]
     if not mats:
         raise MDError(f"cannot tell the number of classes of {path}; pass --*-num-classes")
@@ -197,8 +197,8 @@ def _strong_range(args, strong: nn.Module, transform) -> tuple[float, float]:
 
 def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any], Any]:
     """The patched model, its description (saved with it) and the eval transform."""
+    from ..checkpoint import load_weights
     from ..data.transforms import create_eval_transform
-    from ..train.checkpoint import load_weights
 
     weak = _create(args.weak_model, args.weak_num_classes or _num_classes_of(args.weak_checkpoint))
     load_weights(weak, args.weak_checkpoint)
@@ -255,7 +255,7 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
 
 def load_patched(path: str | Path, input_size: Sequence[int] | None = None) -> PatchedModel:
     """Rebuild a patched model saved by ``md-doctor patch --out`` (weights and masks included)."""
-    from ..train.checkpoint import load_checkpoint_file
+    from ..checkpoint import load_checkpoint_file
 
     ck = load_checkpoint_file(path)
     meta = ck.get("patch") if isinstance(ck, dict) else None

@@ -203,7 +203,7 @@ class SearchResult:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    from ..train.checkpoint import atomic_save
+    from ..checkpoint import atomic_save
 
     atomic_save(obj, path)
 

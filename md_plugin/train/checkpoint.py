@@ -1,102 +1,41 @@
-"""Atomic checkpoints and weight loading with readable errors.
+"""The trainer's checkpoint files: ``last.pth.tar``, ``model_best.pth.tar`` and the history.
 
-Every file is written to a unique temporary name in the same folder, fsynced and renamed into
-place (:mod:`md_plugin.files`), so a kill during a save leaves the previous ``last.pth.tar``
-intact; files get mode 0666 minus the umask like every other output. Checkpoints hold
-only tensors and plain Python values (args as a dict), so they load with
-``torch.load(weights_only=True)``; a checkpoint whose weights or buffers are not finite is never
-written.
+The checkpoint I/O itself (atomic save, weights_only load, hashes) lives in the neutral
+:mod:`md_plugin.checkpoint`, shared with the splitter and ``md-doctor``; its names are
+re-exported here for code that imported them from this module. A checkpoint whose weights or
+buffers are not finite is never written.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn as nn
-
-from ..errors import MDError
-from ..files import atomic_write
+from ..checkpoint import (
+    NonFiniteCheckpoint,
+    atomic_save,
+    file_hash,
+    load_checkpoint_file,
+    load_weights,
+    non_finite_tensors,
+    state_dict_of,
+    weights_hash,
+)
 
 __all__ = [
+    "CheckpointManager",
+    "NonFiniteCheckpoint",
     "atomic_save",
+    "file_hash",
     "load_checkpoint_file",
     "load_weights",
     "non_finite_tensors",
-    "CheckpointManager",
-    "NonFiniteCheckpoint",
+    "state_dict_of",
+    "weights_hash",
 ]
 
-
-class NonFiniteCheckpoint(MDError):
-    """The state to save holds NaN/inf: writing it would replace a good checkpoint."""
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (see :func:`md_plugin.files.atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def non_finite_tensors(state_dict: dict[str, Any] | None) -> list[str]:
-    """Names of the floating-point tensors in ``state_dict`` that hold NaN or inf."""
-    bad = []
-    for k, v in (state_dict or {}).items():
-        if (
-            isinstance(v, torch.Tensor)
-            and v.is_floating_point()
-            and not bool(torch.isfinite(v).all())
-        ):
-            bad.append(k)
-    return bad
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only; timm checkpoints (argparse args inside) are accepted too."""
-    path = Path(path)
-    if not path.is_file():
-        raise MDError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return {"state_dict": load_file(str(path))}
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise MDError(f"cannot read checkpoint {path}: corrupt or truncated ({e})") from None
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged pickle makes the unpickler raise almost any type
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MDError(f"cannot read checkpoint {path}: corrupt or truncated ({msg})") from None
-    if not isinstance(obj, dict):
-        raise MDError(f"checkpoint {path} does not hold a state dict")
-    return obj
-
-
-def _state_dict(obj: dict[str, Any], prefer_ema: bool = False) -> dict[str, torch.Tensor]:
-    keys = ("state_dict_ema", "state_dict", "model") if prefer_ema else ("state_dict", "model")
-    for k in keys:
-        if k in obj and isinstance(obj[k], dict):
-            sd = obj[k]
-            break
-    else:
-        sd = obj
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
-def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = False) -> None:
-    """Load model weights from a timm/md_plugin checkpoint, a bare state dict or safetensors."""
-    sd = _state_dict(load_checkpoint_file(path), prefer_ema)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3]
-        raise MDError(
-            f"checkpoint {path} does not fit this model: {' '.join(first) or str(e)[:200]}"
-        ) from None
+_state_dict = state_dict_of  # the old private name, still imported by older code
 
 
 class CheckpointManager:
