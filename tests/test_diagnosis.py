@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
 import md_plugin  # noqa: F401
+from md_plugin.checkpoint import weights_hash
 from md_plugin.doctor import Diagnosis, compute_masks, diagnose
 from md_plugin.doctor.diagnosis import _TopN
 from md_plugin.errors import ConfigError, MDError
@@ -266,6 +269,44 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     r = e.remask("topk", topk=4)
     expect = [4 if c > 0 else 64 for c in e.counts.tolist()]  # no images: all relevant
     assert r.layers["layer3.2.conv2"].masks.sum(1).tolist() == expect
+
+
+def test_load_with_a_model_checks_it(tmp_path):
+    """Issue 21 item 8: Diagnosis.load(path, model) refuses another model in one line; other
+    weights of the same architecture are a warning (a treated model is the normal case)."""
+    model = ConvTruth()
+    d = diagnose(model, _data(True), "conv", K, per_class=4)
+    assert d.fingerprint["weights"] == weights_hash(model)
+    path = d.save(tmp_path / "d.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = Diagnosis.load(path, model)
+    assert e.fingerprint == d.fingerprint
+    wider = nn.Sequential(nn.Conv2d(C, C + 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(C + 1, K))  # fmt: skip
+    for other, words in [(FCTruth(), "different parameter shapes"), (wider, "different")]:
+        with pytest.raises(MDError, match=words) as err:
+            Diagnosis.load(path, other)
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
+    treated = ConvTruth()
+    with torch.no_grad():
+        treated.fc.weight[0, 0] += 0.1
+    with pytest.warns(UserWarning, match="other weights of ConvTruth") as w:
+        Diagnosis.load(path, treated)
+    assert len(w) == 1 and "\n" not in str(w[0].message)
+
+
+def test_repr_is_a_short_summary():
+    d = diagnose(ConvTruth(), _data(True), "conv", K, per_class=4)
+    text = repr(d)
+    assert "tensor(" not in text and len(text.splitlines()) == 3
+    assert text.splitlines()[0] == f"Diagnosis of ConvTruth: {K} classes, 1 layer(s)"
+    assert "images per class: 4 each" in text
+    rel = " ".join(str(n) for n in d.layers["conv"].masks.sum(1).tolist())
+    assert f"conv ({C} channels), relevant per class: {rel}" in text
+    assert "tensor(" not in repr(d.layers["conv"])
+    many = Diagnosis({}, torch.arange(30), {"arch": "x"})
+    assert "0 1 2 3 4 5 6 7 8 9 ... (min 0, max 29)" in repr(many)
 
 
 def test_corrupt_diagnosis_file_is_a_clear_error(tmp_path):

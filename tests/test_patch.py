@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import resource
+import signal
 
 import pytest
 import torch
@@ -333,3 +335,45 @@ def test_md_doctor_patch_with_a_modules_file(patch_setup, cifar10_root, tmp_path
     assert doctor_main(["patch"] + bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "split from another model" in err[0]
+
+
+def test_md_doctor_patch_refuses_modules_of_other_weights(patch_setup, tmp_path, capsys):
+    """Issue 19 item 3: modules split from another resnet20_cifar (same shapes, other weights)."""
+    import timm
+
+    from md_plugin.cli import main as doctor_main
+    from md_plugin.splitter import create_split_graph, create_split_modules
+
+    d, argv, _, _ = patch_setup
+    torch.manual_seed(1)
+    other = timm.create_model("resnet20_cifar", num_classes=5).eval()
+    sg = create_split_graph(other, (3, 32, 32))
+    full = [[torch.ones(c, dtype=torch.bool) for c in sg.num_channels]] * 2
+    create_split_modules(other, sg, [0, 2], full).save(tmp_path / "m.safetensors")
+    i = argv.index("--whole-strong")
+    args = argv[:i] + argv[i + 3 :] + ["--modules", str(tmp_path / "m.safetensors")]
+    assert doctor_main(["patch"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "same architecture ('resnet20_cifar') but other weights" in err[0]
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE")
+def test_md_doctor_patch_on_a_full_disk_is_one_line(patch_setup, tmp_path, capsys):
+    """The patched model is written like a checkpoint: a failed write (EFBIG under a 64 KB
+    file-size limit, as on a full disk) is one line and leaves no temporary file."""
+    from md_plugin.cli import main as doctor_main
+
+    _, argv, _, _ = patch_setup
+    out = tmp_path / "p.pth.tar"
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, old_limit[1]))
+    try:
+        rc = doctor_main(["patch", *argv, "--results", str(tmp_path / "r.json"), "--out", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write {out}" in err[0] and "disk full" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

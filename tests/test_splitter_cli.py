@@ -14,8 +14,9 @@ import timm
 import torch
 
 import md_plugin  # noqa: F401
+from md_plugin.checkpoint import load_weights
 from md_plugin.cli import main
-from md_plugin.errors import ConfigError
+from md_plugin.errors import ConfigError, MDError
 from md_plugin.splitter import SplitModules
 
 
@@ -48,6 +49,9 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
     for f in ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log"):
         assert (run / f).is_file(), f
     model = timm.create_model("simcnn_weak", num_classes=10, width=8)
+    with pytest.raises(MDError, match="split from another model: same architecture"):
+        SplitModules.load(run / "modules.safetensors", model)  # random weights (issue 19 item 3)
+    load_weights(model, strong)
     mods = SplitModules.load(run / "modules.safetensors", model)
     assert mods.classes == [0, 1, 2] and mods.options["config"]["seed"] == 3
     assert len(mods.options["history"]) == 2

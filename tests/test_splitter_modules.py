@@ -89,6 +89,27 @@ def test_another_model_is_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_modules_of_other_weights_of_the_same_architecture_are_refused(tmp_path):
+    """Issue 19 item 3: same shapes and groups, other weights: patching them would be garbage."""
+    path = _hand_modules().save(tmp_path / "m.safetensors")
+    other = PlantedNet()
+    with torch.no_grad():
+        other.fc.bias[0] = 0.5
+    with pytest.raises(MDError, match="split from another model: same architecture") as e:
+        SplitModules.load(path, other)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    SplitModules.load(path, PlantedNet())  # the weights they were split from
+
+
+def test_old_modules_file_without_weights_hash_loads_with_a_warning(tmp_path):
+    mods = _hand_modules()
+    del mods.fingerprint["weights"]  # as written before the hash was recorded
+    path = mods.save(tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="record no weights hash"):
+        back = SplitModules.load(path, PlantedNet())
+    assert back.split_graph is not None
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10, None])
 def test_bad_modules_file_is_one_line(tmp_path, content):
     path = tmp_path / "m.safetensors"

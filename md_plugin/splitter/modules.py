@@ -9,9 +9,7 @@ and the composed accuracy. Loading it against another model is refused with one 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..artifacts import Artifact, load_artifact, save_artifact
 from ..doctor.diagnosis import model_fingerprint
 from ..errors import MDError
 from .extract import count_cost, extract_module
@@ -33,8 +32,19 @@ FORMAT_VERSION = 1
 
 
 def split_fingerprint(model: nn.Module, sg: SplitGraph) -> dict[str, Any]:
-    """The doctor's model fingerprint plus the channel-group layout."""
-    fp = model_fingerprint(model, [])
+    """The doctor's model fingerprint with the weights hash, plus the channel-group layout.
+
+    The weights hash matters here: modules of another model of the same architecture have the
+    same shapes and groups, but patched into a weak model they are garbage.
+
+    Args:
+        model: The strong model.
+        sg: Its split graph.
+
+    Returns:
+        ``{"arch", "params", "weights", "groups"}``, JSON-serialisable.
+    """
+    fp = model_fingerprint(model, [], weights=True)
     fp.pop("layers", None)
     fp["groups"] = [[g.name, g.channels] for g in sg.groups]
     return fp
@@ -58,6 +68,7 @@ class SplitModules:
     options: dict[str, Any] = field(default_factory=dict)
     _model: nn.Module | None = field(default=None, repr=False)
     _sg: SplitGraph | None = field(default=None, repr=False)
+    _source: str | None = field(default=None, repr=False)  # the file it was loaded from
 
     def __post_init__(self) -> None:
         if self.ranges is None:
@@ -95,6 +106,17 @@ class SplitModules:
         return self
 
     def check_compatible(self, model: nn.Module, sg: SplitGraph) -> None:
+        """Refuse a strong model these modules were not split from (shapes, groups, weights).
+
+        A file written before the weights were recorded is accepted with a warning.
+
+        Args:
+            model: The strong model.
+            sg: Its split graph.
+
+        Raises:
+            MDError: One line naming the mismatch.
+        """
         fp = split_fingerprint(model, sg)
         if fp["params"] != self.fingerprint.get("params") or fp["groups"] != self.fingerprint.get(
             "groups"
@@ -102,6 +124,20 @@ class SplitModules:
             raise MDError(
                 f"these modules were split from another model ({self.fingerprint.get('arch')!r} "
                 f"with different parameter shapes); this model is {fp['arch']!r}"
+            )
+        theirs = self.fingerprint.get("weights")
+        where = f" ({self._source})" if self._source else ""
+        if theirs is None:
+            warnings.warn(
+                f"these modules{where} record no weights hash (written by an older md_plugin): "
+                "cannot check that they were split from this model's weights",
+                stacklevel=3,
+            )
+        elif theirs != fp["weights"]:
+            raise MDError(
+                f"these modules{where} were split from another model: same architecture "
+                f"({fp['arch']!r}) but other weights (weights {theirs[:12]}, this model "
+                f"{fp['weights'][:12]}); use the strong checkpoint they were split from"
             )
 
     @property
@@ -204,33 +240,26 @@ class SplitModules:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically (temp file + rename)."""
-        from safetensors.torch import save_file
+        """Write the modules file atomically (unique temp file, fsync, rename).
 
-        path = Path(path)
+        Args:
+            path: The ``.safetensors`` file to write; its folder is created.
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
+        """
         tensors = {
-            "masks": self.masks.to(torch.uint8).contiguous(),
-            "ranges": self.ranges.float().contiguous(),
+            "masks": self.masks.to(torch.uint8),
+            "ranges": self.ranges.float(),
             "classes": torch.tensor(self.classes, dtype=torch.int64),
         }
         meta = {
-            "format": FORMAT,
-            "version": str(FORMAT_VERSION),
-            "groups": json.dumps(list(zip(self.group_names, self.group_channels))),
-            "fingerprint": json.dumps(self.fingerprint),
-            "stats": json.dumps(self.stats),
-            "options": json.dumps(self.options),
+            "groups": [list(g) for g in zip(self.group_names, self.group_channels)],
+            "fingerprint": self.fingerprint,
+            "stats": self.stats,
+            "options": self.options,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_artifact(path, FORMAT, FORMAT_VERSION, tensors, meta)
 
     @classmethod
     def load(
@@ -239,45 +268,42 @@ class SplitModules:
         model: nn.Module | None = None,
         input_size: Sequence[int] | None = None,
     ) -> SplitModules:
-        """Read a modules file; with ``model`` also bind it (refusing another model)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
+        """Read a modules file; with ``model`` also bind it, refusing another model.
 
-        path = Path(path)
-        if not path.is_file():
-            raise MDError(f"modules file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError("not a md_plugin modules file")
-            t = load_file(str(path))
-            groups = json.loads(meta["groups"])
-            out = cls(
-                classes=[int(c) for c in t["classes"].tolist()],
-                group_names=[g[0] for g in groups],
-                group_channels=[int(g[1]) for g in groups],
-                masks=t["masks"].bool(),
-                fingerprint=json.loads(meta["fingerprint"]),
-                ranges=t["ranges"],
-                stats=json.loads(meta.get("stats", "{}")),
-                options=json.loads(meta.get("options", "{}")),
-            )
-            if out.masks.shape != (len(out.classes), sum(out.group_channels)):
-                raise ValueError(f"mask shape {tuple(out.masks.shape)} does not match the groups")
-        except (
-            SafetensorError,
-            ValueError,
-            KeyError,
-            OSError,
-            TypeError,
-            json.JSONDecodeError,
-        ) as e:
-            raise MDError(
-                f"cannot read modules file {path}: corrupt or not a modules file ({e})"
-            ) from None
+        Args:
+            path: The ``.safetensors`` file written by :meth:`save`.
+            model: The strong model the modules were split from (other weights of the same
+                architecture are refused too).
+            input_size: ``(C, H, W)`` to trace the model at; default the recorded size.
+
+        Returns:
+            The :class:`SplitModules` (bound when ``model`` is given).
+
+        Raises:
+            MDError: One line for a missing or damaged file, or a model it does not fit.
+        """
+        out = load_artifact(path, FORMAT, "modules", cls._from_artifact, max_version=FORMAT_VERSION)
+        out._source = str(path)
         if model is not None:
             out.bind(model, input_size)
+        return out
+
+    @classmethod
+    def _from_artifact(cls, art: Artifact) -> SplitModules:
+        t, meta = art.tensors, art.meta
+        groups = meta["groups"]
+        out = cls(
+            classes=[int(c) for c in t["classes"].tolist()],
+            group_names=[g[0] for g in groups],
+            group_channels=[int(g[1]) for g in groups],
+            masks=t["masks"].bool(),
+            fingerprint=meta["fingerprint"],
+            ranges=t["ranges"],
+            stats=meta.get("stats", {}),
+            options=meta.get("options", {}),
+        )
+        if out.masks.shape != (len(out.classes), sum(out.group_channels)):
+            raise ValueError(f"mask shape {tuple(out.masks.shape)} does not match the groups")
         return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checkpoint import atomic_save
 from ..errors import ConfigError, MDError
+from ..files import atomic_write_text
 from .patch import PatchedModel, evaluate_patch, own_class_range
 
 __all__ = ["create_patch_parser", "parse_patch_args", "run_patch", "load_patched", "format_table"]
@@ -303,13 +304,6 @@ def format_table(result: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def run_patch(args: argparse.Namespace) -> dict[str, Any]:
     """Build, evaluate before/after on ``--split``, print the table, save what was asked."""
     from ..data.class_map import apply_class_map
@@ -330,11 +324,11 @@ def run_patch(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(result))
     out = {"patch": meta, "split": args.split, "classes": names, **result}
     if args.results:
-        _atomic_write(Path(args.results), lambda p: p.write_text(json.dumps(out, indent=1)))
+        atomic_write_text(args.results, json.dumps(out, indent=1))
         print(f"saved {args.results}")
     if args.out:
         ck = {"state_dict": patched.state_dict(), "patch": meta, "arch": "PatchedModel"}
-        _atomic_write(Path(args.out), lambda p: torch.save(ck, p))
+        atomic_save(ck, args.out)
         print(f"saved {args.out} (load with md_plugin.splitter.patch_cli.load_patched)")
     return out
 
