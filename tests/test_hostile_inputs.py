@@ -27,6 +27,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from md_plugin.config import KwargsAction
 from md_plugin.errors import ConfigError, MDError
 from md_plugin.train import args as args_mod
 from md_plugin.train.args import create_parser, parse_args
@@ -452,10 +453,10 @@ def _check_typed(ns: argparse.Namespace) -> None:
     for dest, a in _ACTIONS.items():
         v = getattr(ns, dest)
         where = f"{dest}={v!r}"
-        if isinstance(a, args_mod._BOOL_ACTIONS):
+        if a.nargs == 0:  # a switch (store_true/false, --x/--no-x)
             assert isinstance(v, bool), where
             continue
-        if isinstance(a, args_mod._KwargsAction):
+        if isinstance(a, KwargsAction):
             assert isinstance(v, dict) and all(isinstance(k, str) for k in v), where
             continue
         if v is None:

@@ -22,35 +22,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..config import KwargsAction, Parser, apply_config, args_to_yaml_dict
 from ..errors import ConfigError, MDError
 
 __all__ = ["create_split_parser", "parse_split_args", "split_main", "format_modules_table"]
 
 _logger = logging.getLogger("md_plugin.splitter")
 
-
-def _parser_class():
-    from ..train.args import _Parser
-
-    class _SplitParser(_Parser):
-        def error(self, message: str):  # type: ignore[override]
-            raise ConfigError(f"{message} (see md-doctor split --help)")
-
-    return _SplitParser
+# what a YAML null means for keys whose default is not None (as train_md.py reads them)
+_NULL_VALUES = {"class_map": "", "output": "", "experiment": ""}
 
 
 def create_split_parser() -> argparse.ArgumentParser:
-    from ..train.args import _KwargsAction
     from .search import SearchConfig
 
     d = SearchConfig()
-    p = _parser_class()(prog="md-doctor split", description=__doc__.split("\n\n")[0])
+    p = Parser(
+        prog="md-doctor split",
+        description=__doc__.split("\n\n")[0],
+        null_values=_NULL_VALUES,
+    )
     p.add_argument("-c", "--config", default="", help="YAML file of flag defaults")
     g = p.add_argument_group("strong model and data (timm / train_md.py flag names)")
     g.add_argument("--model", default="", help="timm model name, e.g. resnet20_cifar")
     g.add_argument("--checkpoint", default="", help="the strong model's weights")
     g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=_KwargsAction)
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=KwargsAction)
     g.add_argument("--dataset", default="torch/cifar10")
     g.add_argument("--data-dir", default=None)
     g.add_argument("--train-split", default="train")
@@ -97,10 +94,8 @@ def create_split_parser() -> argparse.ArgumentParser:
 
 def parse_split_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: YAML defaults, then the command line (as train_md.py)."""
-    from ..train.args import apply_config
-
     parser = create_split_parser()
-    apply_config(parser, argv, _parser_class())
+    apply_config(parser, argv)
     args = parser.parse_args(argv)
     if not args.model or not args.checkpoint:
         raise ConfigError("md-doctor split needs --model and --checkpoint (the strong model)")
@@ -222,7 +217,6 @@ def _run_dir(args: argparse.Namespace) -> Path:
 def cmd_split(args: argparse.Namespace) -> Path:
     import yaml
 
-    from ..train.args import args_to_yaml_dict
     from .split import modularize
 
     cfg = _search_config(args)

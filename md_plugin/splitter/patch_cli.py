@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import atomic_save
+from ..config import Parser, apply_config
 from ..errors import ConfigError, MDError
 from ..files import atomic_write_text
 from .patch import PatchedModel, evaluate_patch, own_class_range
@@ -34,11 +35,10 @@ __all__ = ["create_patch_parser", "parse_patch_args", "run_patch", "load_patched
 
 
 def create_patch_parser() -> argparse.ArgumentParser:
-    from ..train.args import _Parser
-
-    p = _Parser(
+    p = Parser(
         prog="md-doctor patch",
         description="patch a weak model's target class with a CNNSplitter module (no training)",
+        null_values={"class_map": ""},  # as train_md.py reads it
     )
     p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML config")
     g = p.add_argument_group("models")
@@ -92,8 +92,6 @@ def create_patch_parser() -> argparse.ArgumentParser:
 
 def parse_patch_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse (YAML defaults, then flags), then the checks train_md.py would make."""
-    from ..train.args import apply_config
-
     parser = create_patch_parser()
     known, rest = apply_config(parser, argv)
     args = parser.parse_args(rest)

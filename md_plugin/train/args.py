@@ -16,19 +16,17 @@ keys are the ``--md-*`` flags without the prefix.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
+from ..config import KwargsAction, Parser, apply_config, args_to_yaml_dict, load_config
 from ..errors import ConfigError
 
 __all__ = [
+    "apply_config",
     "create_parser",
     "parse_args",
     "load_config",
@@ -40,26 +38,6 @@ __all__ = [
     "args_to_yaml_dict",
     "mixup_active",
 ]
-
-
-class _KwargsAction(argparse.Action):
-    """``--model-kwargs a=1 b=x``: values parsed as YAML scalars (timm's ParseKwargs)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        out: dict[str, Any] = {}
-        for v in values:
-            if "=" not in v:
-                parser.error(f"{option_string} expects key=value pairs, got {v!r}")
-            k, val = v.split("=", 1)
-            out[k] = yaml.safe_load(val)
-        setattr(namespace, self.dest, out)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line from the CLI) instead of printing the usage."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(f"{message} (see train_md.py --help)")
 
 
 def _count_or_fraction(v: str) -> int | float | None:
@@ -224,9 +202,10 @@ _TRAIN_INTERPOLATIONS = ("", "random", "bilinear", "bicubic", "nearest")
 
 
 def create_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="train_md.py",
         description="timm-compatible training with Model Doctor diagnosis and treatment",
+        null_values=NULL_VALUES,
     )
     p.add_argument(
         "-c", "--config", default="", metavar="FILE", help="YAML config (keys = flag dest names)"
@@ -321,7 +300,7 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", default=False)
     g.add_argument("--grad-accum-steps", type=int, default=1)
     g.add_argument("--grad-checkpointing", action="store_true", default=False)
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=_KwargsAction)
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=KwargsAction)
     g.add_argument("--drop", type=float, default=0.0)
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     g.add_argument(
@@ -373,7 +352,7 @@ def create_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=2e-5)
     g.add_argument("--clip-grad", type=_float_or_none, default=None)
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
-    g.add_argument("--opt-kwargs", nargs="*", default={}, action=_KwargsAction)
+    g.add_argument("--opt-kwargs", nargs="*", default={}, action=KwargsAction)
     g.add_argument(
         "--layer-decay", type=float, default=None, help="layer-wise lr decay (timm optimizer)"
     )
@@ -663,154 +642,9 @@ def create_parser() -> argparse.ArgumentParser:
     for dest, r in REFUSED.items():
         kw = dict(r.kwargs)
         if dest == "pretrained_cfg_overlay":
-            kw["action"] = _KwargsAction
+            kw["action"] = KwargsAction
         g.add_argument(r.flag, dest=dest, default=r.default, help=f"{r.why}", **kw)  # fmt: skip
     return p
-
-
-def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-
-
-_BOOL_ACTIONS = (
-    argparse._StoreTrueAction,
-    argparse._StoreFalseAction,
-    argparse.BooleanOptionalAction,
-)
-
-
-def _convert(action: argparse.Action, key: str, value: Any, src: str) -> Any:
-    """Type-check a YAML value against its flag and convert it (PyYAML reads 3e-4 as a string).
-
-    Returns a value of the flag's own type (booleans for switches, lists for multi-value flags,
-    values within ``choices``), or raises ConfigError.
-    """
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"{src}: key {key!r} {why}, got {value!r}")
-
-    if value is None and key in NULL_VALUES:
-        return NULL_VALUES[key]
-    if isinstance(action, _BOOL_ACTIONS):
-        if value is None and action.default is False:  # timm: `if args.flag` is false for None
-            return False
-        if not isinstance(value, bool):
-            raise bad("expects true/false")
-        return value
-    if isinstance(action, _KwargsAction):
-        if value is None:  # timm writes {} but a hand-written `model_kwargs:` is null
-            return {}
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise bad("expects a mapping of names to values")
-        return value
-    if value is None:
-        if action.default is not None:
-            raise bad("needs a value")
-        return None
-    if key == "md_layers" and isinstance(value, (list, tuple)):  # a YAML list of layer specs
-        if not all(isinstance(v, str) for v in value):
-            raise bad("expects layer names")
-        value = ",".join(value)
-
-    def one(v: Any) -> Any:
-        if isinstance(v, (list, tuple, dict, set)):
-            raise ValueError("a single value is expected")
-        if action.type is None:  # a string option
-            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-                raise ValueError("a string is expected")
-            out = str(v)
-        else:
-            if isinstance(v, bool):
-                raise ValueError("a number is expected, not true/false")
-            if action.type is int and isinstance(v, float) and not v.is_integer():
-                raise ValueError("not an integer")
-            out = action.type(v)
-        if action.choices is not None and out not in action.choices:
-            raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
-        return out
-
-    try:
-        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-            items = list(value) if isinstance(value, (list, tuple)) else [value]
-            if isinstance(action.nargs, int) and len(items) != action.nargs:
-                raise ValueError(f"{action.nargs} values are expected")
-            if action.nargs == "+" and not items and action.default == []:
-                return []  # timm writes an empty list for unset multi-value keys (wandb_tags)
-            if action.nargs == "+" and not items:
-                raise ValueError("at least one value is expected")
-            return [one(v) for v in items]
-        return one(value)
-    except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as e:
-        raise ConfigError(f"{src}: key {key!r} has a bad value {value!r} ({e})") from None
-
-
-def _yaml_error(e: yaml.YAMLError) -> str:
-    """PyYAML's error as one line with the position and the cause (its text spans lines)."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    hint = ""
-    if "\\t" in str(problem) or "\t" in str(problem) or "tab" in str(problem):
-        hint = " (YAML does not allow tabs for indentation: use spaces)"
-    return f"{where}{' '.join(str(problem).split())}{hint}"
-
-
-def _flatten(raw: dict[Any, Any], path: Path) -> dict[str, Any]:
-    """Dest names for every key: dashes become underscores, an ``md:`` block becomes md_*."""
-    flat: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = str(k).replace("-", "_")
-        if key == "config":  # recorded in a run's args.yaml; re-using that file must work
-            continue
-        if key == "md" and isinstance(v, dict):
-            v = dict(v)
-            enabled = v.pop("enabled", True)
-            if not isinstance(enabled, bool):
-                raise ConfigError(f"{path}: key 'md.enabled' expects true/false, got {enabled!r}")
-            flat["md"] = enabled
-            for mk, mv in v.items():
-                flat["md_" + str(mk).replace("-", "_")] = mv
-        else:
-            flat[key] = v
-    return flat
-
-
-def load_config(
-    path: str | Path, parser: argparse.ArgumentParser, ignore_unknown: bool = False
-) -> dict[str, Any]:
-    """Read a YAML config into validated, typed parser defaults.
-
-    Keys no timm version (nor train_md.py) knows are reported together: one ConfigError, or with
-    ``ignore_unknown`` (or ``ignore_unknown_keys: true`` in the file) one warning, and skipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
-    flat = _flatten(raw, path)
-    actions = _actions(parser)
-    unknown = [k for k in flat if k not in actions]
-    if unknown:
-        names = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, list(actions), n=1)
-            names.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        listed = ", ".join(names)
-        count = f"{len(unknown)} unknown config key{'s' if len(unknown) > 1 else ''}"
-        if not (ignore_unknown or flat.get("ignore_unknown_keys") is True):
-            raise ConfigError(
-                f"{path}: {count}: {listed} (no timm train.py knows them; "
-                "--ignore-unknown-keys skips them with a warning)"
-            )
-        warnings.warn(f"{path}: ignoring {count}: {listed}", UserWarning, stacklevel=3)
-    return {k: _convert(actions[k], k, v, str(path)) for k, v in flat.items() if k in actions}
 
 
 def _check_refused(args: argparse.Namespace) -> None:
@@ -1023,26 +857,6 @@ def _check_combinations(args: argparse.Namespace) -> None:
             )
 
 
-def apply_config(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    pre_cls: type[argparse.ArgumentParser] | None = None,
-    ignore_unknown_flag: bool = False,
-) -> tuple[argparse.Namespace, list[str]]:
-    """First stage of the two-stage parse every command shares: read ``-c/--config`` (and, with
-    ``ignore_unknown_flag``, ``--ignore-unknown-keys``) and make the YAML the parser's defaults,
-    so the command line wins. Returns the first stage's namespace and the remaining arguments."""
-    pre = (pre_cls or _Parser)(add_help=False)
-    pre.add_argument("-c", "--config", default="")
-    if ignore_unknown_flag:
-        pre.add_argument("--ignore-unknown-keys", action="store_true", default=False)
-    known, rest = pre.parse_known_args(argv)
-    if known.config:
-        ignore = ignore_unknown_flag and known.ignore_unknown_keys
-        parser.set_defaults(**load_config(known.config, parser, ignore))
-    return known, rest
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: YAML defaults, then the command line."""
     parser = create_parser()
@@ -1052,11 +866,3 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     _validate(args)
     _warn_inert(args)
     return args
-
-
-def args_to_yaml_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``args.yaml`` records: every dest, YAML-safe."""
-    out = {}
-    for k, v in vars(args).items():
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out

@@ -1,0 +1,81 @@
+"""md_plugin.config: the neutral two-stage parser every command builds on."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from md_plugin.config import KwargsAction, Parser, apply_config, args_to_yaml_dict, load_config
+from md_plugin.errors import ConfigError
+
+PKG = Path(__file__).resolve().parents[1] / "md_plugin"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the md_plugin modules a file imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("md_plugin")}
+
+
+def test_config_is_a_neutral_base():
+    """config.py imports only the error classes; the splitter never reaches into the trainer."""
+    assert _imported_modules(PKG / "config.py") == {"md_plugin.errors"}
+    for path in sorted((PKG / "splitter").glob("*.py")):
+        bad = {m for m in _imported_modules(path) if m.startswith("md_plugin.train")}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def _parser(**kw) -> Parser:
+    p = Parser(prog="tool", **kw)
+    p.add_argument("-c", "--config", default="")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    p.add_argument("--name", default="x", help="a name")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=KwargsAction, help="kw")
+    return p
+
+
+def test_two_stage_parse_yaml_then_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 3e-4\nname: yaml\nflag: true\nmodel_kwargs: {a: 1}\n")
+    p = _parser()
+    known, rest = apply_config(p, ["-c", str(cfg), "--name", "cli"])
+    assert known.config == str(cfg) and rest == ["--name", "cli"]
+    a = p.parse_args(rest)
+    assert (a.lr, a.name, a.flag, a.model_kwargs) == (3e-4, "cli", True, {"a": 1})
+    assert args_to_yaml_dict(a)["model_kwargs"] == {"a": 1}
+
+
+def test_parser_errors_are_one_line_naming_the_command():
+    with pytest.raises(ConfigError, match=r"^argument --lr: .* \(see tool --help\)$"):
+        _parser().parse_args(["--lr", "x"])
+    with pytest.raises(ConfigError, match="expects key=value pairs"):
+        _parser().parse_args(["--model-kwargs", "a"])
+
+
+def test_null_values_are_the_parsers_own(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: null\n")
+    with pytest.raises(ConfigError, match="'name' needs a value"):
+        load_config(cfg, _parser())
+    assert load_config(cfg, _parser(null_values={"name": ""})) == {"name": ""}
+
+
+def test_help_shows_defaults():
+    text = _parser().format_help()
+    assert "learning rate (default: 0.1)" in text and "a name (default: x)" in text
+    assert "a switch\n" in text  # a switch is off unless given: no "(default: False)"
