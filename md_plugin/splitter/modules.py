@@ -5,6 +5,12 @@ every coupled group (concatenated in group order), the (min, max) of the module'
 logit on that class's validation images (the patching rule's normaliser, spec section 5), and
 in the metadata the strong model's fingerprint, the group layout, per-module cost and accuracy
 and the composed accuracy. Loading it against another model is refused with one line.
+
+Format version 2 adds the optional calibration (:mod:`.calibrate`): ``calib_scale`` and
+``calib_shift`` [N, S], one per-channel affine per mask site (``AffineLayout``), and the site
+layout they were made for in the metadata (``calib_layout``). A calibrated module is the strong
+model with the affine folded into its BatchNorm (or bias-carrying conv) parameters, then masked
+or extracted. Version-1 files (no calibration) still load.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch.nn as nn
 from ..artifacts import Artifact, load_artifact, save_artifact
 from ..doctor.diagnosis import model_fingerprint
 from ..errors import MDError
+from .bank import create_affine_layout
+from .calibrate import fold_affine
 from .extract import count_cost, extract_module
 from .groups import SplitGraph, create_split_graph
 from .masking import create_masked_model
@@ -28,7 +36,7 @@ from .masking import create_masked_model
 __all__ = ["SplitModules", "split_fingerprint", "modules_from_diagnosis"]
 
 FORMAT = "md_plugin.splitter.modules"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional calib_scale / calib_shift
 
 
 def split_fingerprint(model: nn.Module, sg: SplitGraph) -> dict[str, Any]:
@@ -66,6 +74,9 @@ class SplitModules:
     ranges: torch.Tensor | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    calib_scale: torch.Tensor | None = None
+    calib_shift: torch.Tensor | None = None
+    calib_layout: list | None = None
     _model: nn.Module | None = field(default=None, repr=False)
     _sg: SplitGraph | None = field(default=None, repr=False)
     _source: str | None = field(default=None, repr=False)  # the file it was loaded from
@@ -139,6 +150,38 @@ class SplitModules:
                 f"({fp['arch']!r}) but other weights (weights {theirs[:12]}, this model "
                 f"{fp['weights'][:12]}); use the strong checkpoint they were split from"
             )
+        if self.calibrated and create_affine_layout(sg).signature() != self.calib_layout:
+            raise MDError(
+                f"these modules{where} were calibrated at other mask sites than this version of "
+                "the splitter finds in the model; split again"
+            )
+
+    # -- calibration -------------------------------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        return self.calib_scale is not None
+
+    def set_calibration(self, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+        """Store the modules' per-site affine [N, S] (None, None: uncalibrated); bound only."""
+        if scale is None or shift is None:
+            self.calib_scale = self.calib_shift = self.calib_layout = None
+            return
+        layout = create_affine_layout(self.split_graph)
+        want = (self.num_modules, layout.size)
+        if tuple(scale.shape) != want or tuple(shift.shape) != want:
+            raise ValueError(f"calibration must be {want}, got {tuple(scale.shape)}")
+        self.calib_scale = scale.detach().float().cpu().clone()
+        self.calib_shift = shift.detach().float().cpu().clone()
+        self.calib_layout = layout.signature()
+
+    def module_graph(self, c: int) -> SplitGraph:
+        """The split graph module ``c`` is cut from: the strong model's, with class ``c``'s
+        calibration folded in when the modules are calibrated."""
+        sg = self.split_graph
+        if not self.calibrated:
+            return sg
+        i = self.index(c)
+        return fold_affine(sg, self.calib_scale[i], self.calib_shift[i])
 
     @property
     def split_graph(self) -> SplitGraph:
@@ -150,9 +193,10 @@ class SplitModules:
         """Class ``c``'s module: the masked strong model, or with ``extract`` the physically
         narrower network. Both return all N logits; only logit ``c`` is the module's output."""
         masks = self.group_masks(c)
+        sg = self.module_graph(c)
         if extract:
-            return extract_module(self.split_graph, masks)
-        return create_masked_model(self.split_graph, masks)
+            return extract_module(sg, masks)
+        return create_masked_model(sg, masks)
 
     @torch.no_grad()
     def own_logits(
@@ -215,7 +259,7 @@ class SplitModules:
         for i, c in enumerate(self.classes):
             masks = self.group_masks(c)
             kept = sum(g.kernels * int(m.sum()) for g, m in zip(sg.groups, masks))
-            macs, params = count_cost(extract_module(sg, masks), size)
+            macs, params = count_cost(mods[i], size)
             per_module.append(
                 dict(
                     cls=c,
@@ -253,12 +297,17 @@ class SplitModules:
             "ranges": self.ranges.float(),
             "classes": torch.tensor(self.classes, dtype=torch.int64),
         }
+        if self.calibrated:
+            tensors["calib_scale"] = self.calib_scale.float()
+            tensors["calib_shift"] = self.calib_shift.float()
         meta = {
             "groups": [list(g) for g in zip(self.group_names, self.group_channels)],
             "fingerprint": self.fingerprint,
             "stats": self.stats,
             "options": self.options,
         }
+        if self.calibrated:
+            meta["calib_layout"] = self.calib_layout
         return save_artifact(path, FORMAT, FORMAT_VERSION, tensors, meta)
 
     @classmethod
@@ -304,6 +353,12 @@ class SplitModules:
         )
         if out.masks.shape != (len(out.classes), sum(out.group_channels)):
             raise ValueError(f"mask shape {tuple(out.masks.shape)} does not match the groups")
+        if "calib_scale" in t or "calib_shift" in t:
+            out.calib_scale, out.calib_shift = t["calib_scale"], t["calib_shift"]
+            out.calib_layout = meta["calib_layout"]
+            want = (len(out.classes), sum(int(e[2]) for e in out.calib_layout))
+            if out.calib_scale.shape != want or out.calib_shift.shape != want:
+                raise ValueError(f"calibration shape {tuple(out.calib_scale.shape)} is not {want}")
         return out
 
 
