@@ -2,7 +2,8 @@
 # Round two, start point A: the converged 30-epoch resnet20_cifar (90.47%), four arms x 3 seeds.
 # The plan (fixed before any run) is in docs/results.md, "Round two: plan".
 #
-#     . .venv/bin/activate && nice -n 5 bash experiments/round2_cifar10.sh   # ~1 h, loaded 2-core CPU
+#     . .venv/bin/activate && DATA_DIR=../shared/data \
+#         CK=../shared/checkpoints/resnet20_cifar10_e30/last.pth.tar nice -n 5 bash experiments/round2_cifar10.sh
 #
 # Outputs: experiments/runs/round2_cifar10/<run>/ and <run>.log; start/ holds the shared
 # diagnosis and alpha.json. Two trainings at a time (PAR, default 2), each on one thread.
@@ -11,7 +12,10 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"  # run(), PY, DATA, one thread
 
 OUT=${OUT:-experiments/runs/round2_cifar10}
-CK=${CK:-/work/shared/checkpoints/resnet20_cifar10_e30/last.pth.tar}
+if [[ -z "${CK:-}" ]]; then
+  echo "error: set CK to the start checkpoint (e.g. CK=../shared/checkpoints/resnet20_cifar10_e30/last.pth.tar)" >&2
+  exit 2
+fi
 PAR=${PAR:-2}
 mkdir -p "$OUT"
 START="$OUT/start"
