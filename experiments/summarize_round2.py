@@ -437,7 +437,7 @@ def main() -> None:
     print(markdown(tables))
     if a.figure:
         figure(sp, a.figure)
-        print(f"figure: {a.figure}")
+        print(f"figure: {a.figure}", file=sys.stderr)
 
 
 if __name__ == "__main__":

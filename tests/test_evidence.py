@@ -195,3 +195,35 @@ def test_collect_refuses_a_folder_that_is_not_a_runs_folder(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit, match="summary.csv is missing"):
         collect_results.collect(tmp_path / "runs", tmp_path / "out")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_overlay_figures_can_share_one_colour_scale(tmp_path):
+    """overlay_limits over one figure's maps gives the limits the figure chooses itself; over
+    several, the same percentiles over all of their maps (the two round-two overlay figures)."""
+    import numpy as np
+
+    from md_plugin.report.plots import (
+        gradient_shares_map,
+        overlay_limits,
+        plot_gradient_overlays,
+        robust_limit,
+        upsample_bilinear,
+    )
+
+    rng = np.random.default_rng(0)
+    before, after1, after2 = (rng.random((2, 4, 4)) ** k for k in (1, 3, 6))
+    up = [np.stack([upsample_bilinear(m, (8, 8)) for m in gradient_shares_map(x)])
+          for x in (before, after1, after2)]  # fmt: skip
+    one = overlay_limits((8, 8), before, [after1])
+    assert one == (robust_limit(np.concatenate(up[:2])), robust_limit(up[1] - up[0]))
+    both = overlay_limits((8, 8), before, [after1, after2])
+    diffs = np.concatenate([up[1] - up[0], up[2] - up[0]])
+    assert both == (robust_limit(np.concatenate(up)), robust_limit(diffs)) != one
+    images = rng.random((2, 8, 8, 3))
+    for i, after in enumerate((after1, after2)):
+        out = plot_gradient_overlays(tmp_path / f"o{i}.png", images, ["a", "b"], [0, 1], before,
+                                     after, limits=both)  # fmt: skip
+        assert out.stat().st_size > 0

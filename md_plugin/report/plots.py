@@ -382,6 +382,22 @@ def robust_limit(values: np.ndarray, q: float = 99.0) -> float:
     return float(np.percentile(v, q)) if v.size else 1.0
 
 
+def overlay_limits(
+    size: tuple[int, int], maps_before: np.ndarray, maps_after: Sequence[np.ndarray],
+    percentile: float = 99.0,
+) -> tuple[float, float]:  # fmt: skip
+    """The colour limits :func:`plot_gradient_overlays` would choose for one figure with all of
+    ``maps_after`` at once (each against ``maps_before``): one scale for several figures."""
+
+    def up(m: np.ndarray) -> np.ndarray:
+        return np.stack([upsample_bilinear(s, size) for s in gradient_shares_map(m)])
+
+    before = up(np.asarray(maps_before, dtype=float))
+    after = [up(np.asarray(m, dtype=float)) for m in maps_after]
+    vmax = robust_limit(np.concatenate([before, *after]), percentile)
+    return vmax, robust_limit(np.concatenate([a - before for a in after]), percentile)
+
+
 def plot_gradient_overlays(
     path: str | Path,
     images: np.ndarray,
@@ -391,6 +407,7 @@ def plot_gradient_overlays(
     maps_after: np.ndarray | None = None,
     *,
     percentile: float = 99.0,
+    limits: tuple[float, float] | None = None,
 ) -> Path:
     """One row per sample: the image, its true-class gradient map before (and after) treatment,
     and with both a difference panel (after - before).
@@ -402,6 +419,8 @@ def plot_gradient_overlays(
     (magma) whose limit is the ``percentile``-th percentile of all shown map values, shared by
     before and after so they compare directly. The difference panel uses a diverging colormap
     (red = gained share, blue = lost), symmetric at the ``percentile``-th percentile of |diff|.
+    ``limits`` = (map limit, difference limit) replaces both, so that several figures share one
+    colour scale (:func:`overlay_limits` computes them over all their maps).
     """
     images = np.clip(np.asarray(images, dtype=float), 0, 1)
     labels = np.asarray(labels, dtype=int).reshape(-1)
@@ -427,6 +446,8 @@ def plot_gradient_overlays(
     vmax = robust_limit(np.concatenate([u for _, u in up]), percentile) if n else 1.0
     diff = up[1][1] - up[0][1] if len(up) == 2 else None
     dlim = robust_limit(diff, percentile) if diff is not None and n else 1.0
+    if limits is not None:
+        vmax, dlim = limits
     mass = [m.reshape(n, -1).sum(1) for _, m in raw]
 
     cols = 1 + len(up) + (diff is not None)
