@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file as load_safetensors
 
 from .errors import MDError
 from .files import atomic_write
@@ -82,27 +85,76 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         The checkpoint's top-level dict.
 
     Raises:
-        MDError: One line when the file is missing or cannot be read.
+        MDError: One line when the file is missing, a directory, not a checkpoint, damaged, or
+            holds pickled objects other than tensors and plain values.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = [n for n in ("last.pth.tar", "model_best.pth.tar") if (path / n).is_file()]
+        hint = f" (did you mean {path / inside[0]}?)" if inside else ""
+        raise MDError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise MDError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            return {"state_dict": load_file(str(path))}
+            return {"state_dict": load_safetensors(str(path))}
         except Exception as e:  # safetensors raises several types for damaged files
-            raise MDError(f"cannot read checkpoint {path}: corrupt or truncated ({e})") from None
+            reason = " ".join(str(e).split())[:160]
+            raise MDError(
+                f"cannot read checkpoint {path}: not a safetensors file, or corrupt or truncated "
+                f"({reason})"
+            ) from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged pickle makes the unpickler raise almost any type
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MDError(f"cannot read checkpoint {path}: corrupt or truncated ({msg})") from None
+        raise _unreadable(path, e) from None
     if not isinstance(obj, dict):
         raise MDError(f"checkpoint {path} does not hold a state dict")
     return obj
+
+
+def _unreadable(path: Path, e: Exception) -> MDError:
+    """Why torch could not load ``path``, in one line and in our words.
+
+    torch's own message advises ``weights_only=False``, which would run any code a pickle
+    holds; it is not quoted. A pickle that names a class is a whole pickled object; a file in
+    torch's zip or pickle format is a damaged checkpoint; anything else is not one at all.
+    """
+    found = _UNSUPPORTED_GLOBAL.search(str(e))
+    if found and _names_a_real_global(found.group(1)):
+        return MDError(
+            f"cannot read checkpoint {path}: it holds a pickled {found.group(1)} object, not "
+            "only tensors and plain values; load it where it was made and save its "
+            "state_dict() instead"
+        )
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return MDError(f"cannot read checkpoint {path}: {err.strerror or err}")
+    if not head:
+        return MDError(f"cannot read checkpoint {path}: the file is empty")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
+        return MDError(f"cannot read checkpoint {path}: corrupt or truncated (a damaged archive)")
+    if head.startswith(b"\x80"):  # a pickle (torch's legacy format)
+        return MDError(f"cannot read checkpoint {path}: corrupt or truncated (a damaged pickle)")
+    return MDError(
+        f"cannot read checkpoint {path}: not a checkpoint (neither a PyTorch nor a safetensors "
+        "file)"
+    )
+
+
+# torch's weights_only refusal of a class the pickle names, e.g. "GLOBAL torch.nn.Linear"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*) ")
+
+
+def _names_a_real_global(name: str) -> bool:
+    """False for a name a truncated pickle cut short (``torch._utils._rebuild_tens``): its
+    module is loaded but lacks it. Nothing is imported (a name from a file is not trusted)."""
+    module, _, attr = name.rpartition(".")
+    mod = sys.modules.get(module)
+    return mod is None or hasattr(mod, attr)
 
 
 def state_dict_of(obj: Mapping[str, Any], prefer_ema: bool = False) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def _atomic_file(path: str | Path) -> Iterator[Any]:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
     except OSError as e:
-        raise MDError(f"cannot write {path}: {e.strerror or e}") from None
+        raise MDError(f"cannot write {path}: {_write_error_text(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -224,7 +224,7 @@ CASES = {
     ),
     "resume_garbage": (
         lambda p: _cifar(p, "--resume", str(p["garbage"])),
-        "cannot read checkpoint {garbage}: corrupt or truncated",
+        "cannot read checkpoint {garbage}: not a checkpoint",
     ),
     "resume_missing": (
         lambda p: _cifar(p, "--resume", str(p["root"] / "nope.pth.tar")),
@@ -603,5 +603,6 @@ def test_any_garbage_checkpoint_is_a_clear_error(tmp_path, seed):
     if seed % 2:  # start like a pickle so the unpickler gets further than the first byte
         data = b"\x80\x02" + data
     path.write_bytes(data)
-    with pytest.raises(MDError, match="cannot read checkpoint .*: corrupt or truncated"):
+    with pytest.raises(MDError, match="cannot read checkpoint .*: (not a checkpoint|corrupt)") as e:
         load_checkpoint_file(path)
+    assert "weights_only" not in str(e.value)  # torch's advice to run the file's code

@@ -22,6 +22,7 @@ from ..checkpoint import (
     state_dict_of,
     weights_hash,
 )
+from ..errors import MDError
 
 __all__ = [
     "CheckpointManager",
@@ -86,25 +87,67 @@ class CheckpointManager:
             )
 
     def save_partial(self, state: dict[str, Any], epoch: int) -> Path:
-        """Mid-epoch ``last.pth.tar`` (a signal); the best/history files are left alone."""
+        """Mid-epoch ``last.pth.tar`` (a signal); the best/history files are left alone.
+
+        Args:
+            state: The checkpoint dict (its ``saver`` entry is set to this manager's state).
+            epoch: The epoch under way.
+
+        Returns:
+            The path of ``last.pth.tar``.
+        """
         self._check_finite(state, epoch)
-        last = atomic_save(state, self.out_dir / "last.pth.tar")
+        last = self._write({**state, "saver": self.state_dict()}, "last.pth.tar")
         self.last_epoch, self.last_partial = epoch, True
         return last
 
     def save(self, state: dict[str, Any], epoch: int, metric: float | None) -> Path:
+        """End of an epoch: ``model_best`` and ``checkpoint-<epoch>`` first, ``last`` last.
+
+        ``last.pth.tar`` is the commit point. It is written after the best/history files and
+        holds the saver state that includes this epoch, and this manager's own state changes
+        only once it is written. So if a write fails (a full disk), the previous
+        ``last.pth.tar`` and its saver state stay: the run resumed from it trains this epoch
+        again and weighs it for best-model selection again, instead of leaving it out.
+
+        Args:
+            state: The checkpoint dict (its ``saver`` entry is set to the updated state).
+            epoch: The epoch just finished.
+            metric: Its evaluation metric (None or non-finite: not a best/history candidate).
+
+        Returns:
+            The path of ``last.pth.tar``.
+
+        Raises:
+            NonFiniteCheckpoint: The weights hold NaN/inf (nothing is written).
+            MDError: A write failed (one line, naming the last good checkpoint).
+        """
         self._check_finite(state, epoch)
-        last = atomic_save(state, self.out_dir / "last.pth.tar")
+        keep, drop, best = list(self.history), [], self.best
+        candidate = metric is not None and self.max_history > 0 and math.isfinite(metric)
+        if candidate:
+            if best is None or self._better(metric, best[0]):
+                best = (metric, epoch)
+            history = [h for h in keep if h[1] != epoch] + [(metric, epoch)]
+            history.sort(key=lambda h: h[0], reverse=not self.decreasing)
+            keep, drop = history[: self.max_history], history[self.max_history :]
+        saver = {"history": [list(h) for h in keep], "best": list(best) if best else None}
+        state = {**state, "saver": saver}
+        if candidate and best == (metric, epoch):
+            self._write(state, "model_best.pth.tar")
+        if candidate:
+            self._write(state, f"checkpoint-{epoch}.pth.tar")
+        last = self._write(state, "last.pth.tar")
+        self.history, self.best = keep, best
         self.last_epoch, self.last_partial = epoch, False
-        if metric is None or self.max_history <= 0 or not math.isfinite(metric):
-            return last
-        if self.best is None or self._better(metric, self.best[0]):
-            self.best = (metric, epoch)
-            atomic_save(state, self.out_dir / "model_best.pth.tar")
-        self.history.append((metric, epoch))
-        self.history.sort(key=lambda h: h[0], reverse=not self.decreasing)
-        atomic_save(state, self.out_dir / f"checkpoint-{epoch}.pth.tar")
-        for _m, ep in self.history[self.max_history :]:
+        for _m, ep in drop:
             (self.out_dir / f"checkpoint-{ep}.pth.tar").unlink(missing_ok=True)
-        self.history = self.history[: self.max_history]
         return last
+
+    def _write(self, state: dict[str, Any], name: str) -> Path:
+        try:
+            return atomic_save(state, self.out_dir / name)
+        except NonFiniteCheckpoint:
+            raise
+        except MDError as e:  # a failed write: say what is still good
+            raise MDError(f"{e}. {self.last_good()}") from None
