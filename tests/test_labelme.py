@@ -236,6 +236,103 @@ def test_two_files_for_one_index_second_is_skipped(tmp_path):
     assert report.written == [5] and read_mask(tmp_path / "m" / "000005.png").sum() == 4
 
 
+def test_zero_area_shapes_are_skipped_with_a_reason(tmp_path):
+    """Issue 19 item 7: a region that encloses nothing is not a 1-pixel or line mask."""
+    ann, out = tmp_path / "ann", tmp_path / "m"
+    ann.mkdir()
+    flat = [
+        shape([[1, 1], [4, 4], [7, 7]]),  # collinear polygon
+        shape([[2, 2], [2, 2], [2, 2]]),  # repeated points
+        shape([[1, 1], [1, 6]], "rectangle"),  # zero width
+        shape([[5, 5], [5, 5]], "circle"),  # zero radius
+        shape([[0, 9], [3, 9], [6, 9], [9, 9]], "oriented_rectangle"),  # on one line
+    ]
+    write_json(ann / "000001.json", [*flat, shape([[0, 0], [1, 1]], "rectangle")], 10, 10)
+    write_json(ann / "000002.json", flat, 10, 10)
+    with pytest.warns(MaskWarning) as caught:
+        report = labelme_to_masks(ann, out)
+    assert sum("encloses no area" in str(w.message) for w in caught) == 10
+    assert report.written == [1] and read_mask(out / "000001.png").sum() == 4
+    reasons = [r for f, r in report.skipped_shapes if f.startswith("000001.json")]
+    assert reasons == [
+        "encloses no area (all its points lie on one line)",
+        "encloses no area (all its points are one point)",
+        "encloses no area (a rectangle of zero width or height)",
+        "encloses no area (a circle of zero radius)",
+        "encloses no area (all its points lie on one line)",
+    ]
+    assert dict(report.skipped)["000002.json"] == "no valid shape"
+    # thin shapes by design (line, point) and a tilted sliver still count
+    write_json(ann / "000003.json", [shape([[0, 0], [9, 0]], "line"),
+                                     shape([[0, 0], [9, 1], [0, 1.5]])], 10, 10)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert labelme_to_masks(ann, out).written == [3]
+
+
+def test_two_files_claiming_one_image_keep_its_own(tmp_path):
+    """Issue 19 item 7: a copied JSON (imagePath still the other image) never wins by sorting
+    first; the message names both files. With no file named after the image, both are out."""
+    ann, out = tmp_path / "ann", tmp_path / "m"
+    ann.mkdir()
+    write_json(ann / "000003_a.json", [shape([[0, 0], [1, 1]], "rectangle")], 8, 8)
+    write_json(ann / "000002_copy.json", [shape([[0, 0], [3, 3]], "rectangle")], 8, 8,
+               image_path="000003_a.png")  # fmt: skip
+    write_json(ann / "x1.json", [shape([[0, 0], [2, 2]], "rectangle")], 8, 8,
+               image_path="000007_c.png")  # fmt: skip
+    write_json(ann / "x2.json", [shape([[0, 0], [2, 2]], "rectangle")], 8, 8,
+               image_path="000007_c.png")  # fmt: skip
+    with pytest.warns(MaskWarning) as caught:
+        report = labelme_to_masks(ann, out)
+    assert report.written == [3] and read_mask(out / "000003.png").sum() == 4
+    reasons = dict(report.skipped)
+    assert reasons["000002_copy.json"] == (
+        "000002_copy.json and 000003_a.json claim one image '000003_a' through imagePath; "
+        "000003_a.json is named after it and kept"
+    )
+    for name in ("x1.json", "x2.json"):
+        assert reasons[name].startswith("x1.json and x2.json claim one image '000007_c'")
+        assert "none is named after it" in reasons[name]
+    assert all("\n" not in str(w.message) for w in caught)
+
+
+def test_an_empty_annotation_folder_warns(tmp_path):
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "index.json").write_text("[]")  # a workspace's own file is not an annotation
+    with pytest.warns(MaskWarning, match="holds no labelme JSON file"):
+        report = labelme_to_masks(ann, tmp_path / "m")
+    assert report.written == [] and report.skipped == []
+
+
+def test_a_failed_mask_write_leaves_no_partial_png(tmp_path, monkeypatch):
+    """A full disk while a PNG is written: one line, no partial or temporary file; a 0-byte
+    mask left by an older failed write is replaced on the rerun, not kept as "existing"."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    ann, out = tmp_path / "ann", tmp_path / "m"
+    ann.mkdir()
+    write_json(ann / "000004.json", [shape([[0, 0], [1, 1]], "rectangle")], 10, 10)
+    real = PILImage.SAVE["PNG"]
+
+    def full(im, fp, filename):
+        fp.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(PILImage.SAVE, "PNG", full)
+    with pytest.raises(MDError) as e:
+        labelme_to_masks(ann, out)
+    assert "\n" not in str(e.value) and "000004.png" in str(e.value)
+    assert "disk full" in str(e.value)
+    assert list(out.iterdir()) == []
+    monkeypatch.setitem(PILImage.SAVE, "PNG", real)
+    (out / "000004.png").write_bytes(b"")  # what a non-atomic write left behind
+    assert labelme_to_masks(ann, out).written == [4]
+    assert read_mask(out / "000004.png").sum() == 4
+
+
 # --- workspace ------------------------------------------------------------------------------
 
 

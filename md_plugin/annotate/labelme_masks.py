@@ -13,10 +13,17 @@ silently teaches the model the wrong foreground. So:
   image is brought back to the dataset size by area average, keeping a dataset pixel when at
   least half of it was covered (``>= 0.5``); with a nearest-neighbour workspace at an integer
   factor that is exactly "at least half of the block";
+* a shape that encloses no area (a polygon of collinear or repeated points, a rectangle of
+  zero width or height, a circle of zero radius) is skipped: rasterised, it would become a line
+  or a single pixel of "foreground";
+* two JSON files that claim one image through ``imagePath`` (a copied file): the one named after
+  the image is kept and the other skipped, naming both; if neither is, both are skipped;
 * anything doubtful is skipped with a ``MaskWarning`` naming the file and reason, and counted.
 
 Masks are written as ``{index:06d}.png`` (mode ``L``, 0 background, 255 foreground) plus
-``masks.json``; existing masks are kept unless ``overwrite=True``.
+``masks.json``, each atomically (:mod:`md_plugin.files`: a failed write leaves no partial PNG);
+existing masks are kept unless ``overwrite=True`` (an empty file, left by an older failed write,
+is replaced).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError, MDError
+from ..files import atomic_write, atomic_write_text
 from .workspace import read_index
 
 __all__ = ["MaskReport", "MaskWarning", "labelme_to_masks", "mask_file_name"]
@@ -56,6 +64,8 @@ _POINTS = {
     "oriented_rectangle": (4, 4),
     "mask": (2, 2),
 }
+# shapes that stand for a region (a line, a linestrip or a point is thin by design)
+_REGIONS = ("polygon", "rectangle", "circle", "oriented_rectangle")
 
 
 class MaskWarning(UserWarning):
@@ -183,6 +193,25 @@ def _points(shape: dict[str, Any], hw: tuple[int, int]) -> list[list[float]]:
     return out
 
 
+def _zero_area(kind: str, pts: list[list[float]]) -> str | None:
+    """Why a region shape encloses no area, or None when it does."""
+    p = np.asarray(pts, dtype=np.float64)
+    if kind == "rectangle":
+        (x0, y0), (x1, y1) = p
+        return "a rectangle of zero width or height" if x0 == x1 or y0 == y1 else None
+    if kind == "circle":
+        return "a circle of zero radius" if (p[0] == p[1]).all() else None
+    d = p - p[0]
+    scale = float(np.abs(d).max())
+    if scale == 0.0:
+        return "all its points are one point"
+    far = d[np.abs(d).sum(1).argmax()]
+    cross = far[0] * d[:, 1] - far[1] * d[:, 0]  # twice the area of (p0, far, p_i)
+    if float(np.abs(cross).max()) <= 1e-9 * scale * scale:
+        return "all its points lie on one line"
+    return None
+
+
 def _paste_mask(
     hw: tuple[int, int], shape: dict[str, Any], pts: list[list[float]], b64: Callable
 ) -> np.ndarray:
@@ -237,6 +266,10 @@ def _rasterise(
             need = f"{lo}" if lo == hi else f"at least {lo}"
             _warn(report.skipped_shapes, where, f"has {len(pts)} points, needs {need}")
             continue
+        flat = _zero_area(kind, pts) if kind in _REGIONS else None
+        if flat:
+            _warn(report.skipped_shapes, where, f"encloses no area ({flat})")
+            continue
         try:
             if kind == "mask":
                 mask |= _paste_mask(hw, shape, pts, b64)
@@ -277,6 +310,43 @@ def _read_summary(out: Path) -> dict[str, Any]:
         raise DataError(f"{path} is not a masks summary written by md-plugin: {e}") from e
 
 
+def _claims(docs: dict[Path, dict[str, Any]]) -> dict[Path, str]:
+    """Files to skip because another file claims the same image through ``imagePath``.
+
+    labelme saves ``<image stem>.json``, so of several files that claim one image the one named
+    after it is its own and kept; a copy under another name is skipped. When none is named
+    after the image, there is no telling which holds the right shapes, and all are skipped.
+    Every message names all claimants.
+    """
+    by_image: dict[str, list[Path]] = {}
+    for path, doc in docs.items():
+        by_image.setdefault(_image_stem(path, doc), []).append(path)
+    skip: dict[Path, str] = {}
+    for stem, paths in by_image.items():
+        if len(paths) < 2:
+            continue
+        names = " and ".join(p.name for p in paths)
+        own = [p for p in paths if p.stem == stem]
+        for p in paths:
+            if len(own) == 1 and p != own[0]:
+                skip[p] = (
+                    f"{names} claim one image {stem!r} through imagePath; {own[0].name} is "
+                    "named after it and kept"
+                )
+            elif not own:
+                skip[p] = (
+                    f"{names} claim one image {stem!r} through imagePath and none is named "
+                    "after it: all skipped (fix imagePath in the copies)"
+                )
+    return skip
+
+
+def _write_mask(target: Path, mask: np.ndarray) -> None:
+    """The PNG (mode L, 0/255), written atomically: a failed write leaves no partial file."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    atomic_write(target, lambda f: image.save(f, format="PNG"))
+
+
 def labelme_to_masks(
     annotations_dir: str | Path,
     out_dir: str | Path,
@@ -287,9 +357,24 @@ def labelme_to_masks(
 ) -> MaskReport:
     """Convert every labelme JSON in ``annotations_dir`` into ``out_dir/{index:06d}.png``.
 
-    ``foreground_labels`` keeps only shapes with those labels (default: all shapes). Files are
-    processed in name order; a second file for an index already converted in this run is
-    skipped. See the module docstring for the mapping and resize rules.
+    Files are processed in name order; a second file for an index already converted in this run
+    is skipped. See the module docstring for the mapping, resize and skip rules.
+
+    Args:
+        annotations_dir: The labelme folder (a workspace with ``index.csv``, or JSON files whose
+            image names start with the dataset index).
+        out_dir: Where the masks go (not the annotation folder).
+        dataset_size: Refuse indices at or beyond it.
+        overwrite: Replace masks that already exist.
+        foreground_labels: Keep only shapes with these labels (default: all shapes).
+
+    Returns:
+        A :class:`MaskReport` of the indices written and the files and shapes skipped.
+
+    Raises:
+        DataError: A missing annotation folder or a bad ``index.csv``/``masks.json``.
+        ConfigError: ``out_dir`` is the annotation folder, or a bad ``dataset_size``.
+        MDError: labelme is missing, or a mask cannot be written.
     """
     utils = _labelme_utils()
     ann = Path(annotations_dir).expanduser()
@@ -307,23 +392,39 @@ def labelme_to_masks(
         raise ConfigError(f"dataset_size must be positive, got {dataset_size}")
     foreground = set(foreground_labels) if foreground_labels is not None else None
     rows = read_index(ann) if (ann / "index.csv").is_file() else None
+    files = [p for p in sorted(ann.glob("*.json")) if p.name not in _OWN_JSON and p.is_file()]
+    if not files:
+        warnings.warn(
+            f"{ann} holds no labelme JSON file: no mask written (annotate the images with "
+            "labelme first; it saves <image>.json beside each image)",
+            MaskWarning,
+            stacklevel=2,
+        )
 
     report = MaskReport()
     out.mkdir(parents=True, exist_ok=True)
     summary = _read_summary(out)
-    done: dict[int, str] = {}
-    for path in sorted(ann.glob("*.json")):
-        if path.name in _OWN_JSON or not path.is_file():
-            continue
+    docs: dict[Path, dict[str, Any]] = {}
+    for path in files:
         try:
-            doc = _load(path)
+            docs[path] = _load(path)
+        except _Skip as e:
+            _warn(report.skipped, path.name, str(e))
+        else:
+            docs[path].pop("imageData", None)  # the embedded image is not used: free it
+    claimed = _claims(docs)
+    done: dict[int, str] = {}
+    for path, doc in docs.items():
+        try:
+            if path in claimed:
+                raise _Skip(claimed[path])
             index, dataset_hw = _resolve(path, doc, rows)
             if dataset_size is not None and index >= dataset_size:
                 raise _Skip(f"index {index} is outside the dataset (size {dataset_size})")
             if index in done:
                 raise _Skip(f"index {index} was already converted from {done[index]}")
             target = out / mask_file_name(index)
-            if target.exists() and not overwrite:
+            if target.exists() and not overwrite and target.stat().st_size > 0:
                 raise _Skip(f"{target.name} already exists (pass overwrite to replace it)")
             mask = _rasterise(path, doc, foreground, report, utils)
         except _Skip as e:
@@ -334,7 +435,7 @@ def labelme_to_masks(
             if not mask.any():
                 _warn(report.skipped, path.name, "mask vanishes at the dataset image size")
                 continue
-        Image.fromarray(mask.astype(np.uint8) * 255).save(target, format="PNG")
+        _write_mask(target, mask)
         done[index] = path.name
         report.written.append(index)
         summary[str(index)] = {
@@ -347,6 +448,7 @@ def labelme_to_masks(
 
     if report.written:
         ordered = dict(sorted(summary.items(), key=lambda kv: int(kv[0])))
-        with open(out / SUMMARY_FILE, "w") as f:
-            json.dump({"version": 1, "masks": ordered}, f, indent=1)
+        atomic_write_text(
+            out / SUMMARY_FILE, json.dumps({"version": 1, "masks": ordered}, indent=1)
+        )
     return report

@@ -15,6 +15,7 @@ without blur; ``bicubic`` looks smoother but invents in-between colours.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError, MDError
+from ..files import atomic_write, atomic_write_text
 
 __all__ = ["INDEX_COLUMNS", "write_workspace", "read_index", "workspace_file_name"]
 
@@ -131,7 +133,7 @@ def write_workspace(
         if hw is not None and (hw[0], hw[1]) != (oh, ow):
             img = img.resize((hw[1], hw[0]), _RESAMPLE[resample])
         name = workspace_file_name(index, class_names[label])
-        img.save(out / name, format="PNG")
+        atomic_write(out / name, lambda f, img=img: img.save(f, format="PNG"))
         rows[name] = {
             "file": name,
             "index": index,
@@ -146,12 +148,12 @@ def write_workspace(
         }
 
     ordered = sorted(rows.values(), key=lambda r: (int(r["index"]), r["file"]))
-    with open(out / "index.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
-        writer.writeheader()
-        writer.writerows(ordered)
-    with open(out / "index.json", "w") as f:
-        json.dump(ordered, f, indent=1)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=INDEX_COLUMNS)
+    writer.writeheader()
+    writer.writerows(ordered)
+    atomic_write_text(out / "index.csv", table.getvalue())
+    atomic_write_text(out / "index.json", json.dumps(ordered, indent=1))
     return out
 
 
