@@ -318,6 +318,45 @@ def test_corrupt_diagnosis_file_is_a_clear_error(tmp_path):
         Diagnosis.load(tmp_path / "missing.safetensors")
 
 
+def _spatial_batch(labels, channels=C):
+    return [(torch.rand(len(labels), channels, 4, 4), labels)]
+
+
+@pytest.mark.parametrize(
+    "data, num_classes, words",
+    [
+        (_spatial_batch(torch.tensor([0, 1, 5])), K, "label 5, out of range for 5 classes (0..4)"),
+        (_spatial_batch(torch.tensor([0, -1])), K, "label -1, out of range"),
+        (_spatial_batch(torch.tensor([0.0, 1.0])), K, "labels are float32, not integer class"),
+        (_spatial_batch(torch.eye(K)[:3]), K, "labels are float32, not integer class"),
+        (_spatial_batch(torch.tensor([[0], [1]])), K, "labels of shape (2, 1) for 2 images"),
+        (_spatial_batch(torch.tensor([0, 1])), K - 2, "num_classes=3 but the model outputs (5,)"),
+        (_spatial_batch(torch.tensor([0, 1]), channels=1), K, "the images have 1 channel(s) but"),
+    ],
+)
+@pytest.mark.parametrize("input_size", [None, (C, 4, 4)])  # resolved by the trace, or given
+def test_bad_loader_input_is_one_line(data, num_classes, words, input_size):
+    """Issue 19 item 8: labels out of range, negative, float or one-hot, a too-small num_classes
+    and 1-channel images are one MDError line, not a torch traceback."""
+    with pytest.raises(MDError) as e:
+        diagnose(ConvTruth(), data, "conv", num_classes, per_class=2, input_size=input_size)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_grayscale_images_for_an_rgb_timm_model_is_one_line():
+    model = timm.create_model("resnet20_cifar", num_classes=K)
+    data = [(torch.rand(4, 1, 32, 32), torch.arange(4))]
+    with pytest.raises(MDError, match=r"1 channel\(s\) but the model takes 3 .*in_chans=1"):
+        diagnose(model, data, "last_conv", K, per_class=2)
+
+
+def test_list_labels_are_accepted():
+    batches = [(x, y.tolist()) for x, y in _data(True)]
+    d = diagnose(ConvTruth(), batches, "conv", K, per_class=4)
+    assert torch.equal(d.layers["conv"].masks, diagnose(ConvTruth(), _data(True), "conv", K,
+                                                        per_class=4).layers["conv"].masks)  # fmt: skip
+
+
 def test_bad_options():
     with pytest.raises(ConfigError, match="grad mode"):
         diagnose(ConvTruth(), [], "conv", K, grad_mode="sq", input_size=(C, 4, 4))

@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -414,55 +416,27 @@ def diagnose(
             if isinstance(first[0], torch.Tensor):
                 input_size = tuple(first[0].shape[1:])
     if isinstance(layers, str) or (layers and isinstance(next(iter(layers)), str)):
-        refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
+        with _input_errors():  # the trace is the first forward: it meets a wrong input first
+            refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
     else:
         refs = list(layers)  # type: ignore[arg-type]
     # the mask options are used only after the whole pass: refuse bad ones before it
     check_mask_options(mask_rule, theta, topk, min(r.channels for r in refs))
     if batches is None:
         batches = iter(loader)
-    device = next(model.parameters()).device
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = len(loader) if hasattr(loader, "__len__") else None
+        batches = tqdm(batches, desc="diagnose", leave=False, dynamic_ncols=True, total=total)
     buf = _TopN(num_classes, per_class, [r.channels for r in refs])
-    was_training = model.training
-    model.eval()
-    seen = 0
     # dataset index of the running position (a sharded loader holds items rank, rank + world, ...)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
     rank = getattr(accelerator, "process_index", 0) if accelerator is not None else 0
-    try:
-        with FeatureCapture(model, refs, graph_from_first=True) as cap:
-            it = batches
-            if progress:
-                from tqdm.auto import tqdm
-
-                total = len(loader) if hasattr(loader, "__len__") else None
-                it = tqdm(batches, desc="diagnose", leave=False, dynamic_ncols=True, total=total)
-            for batch in it:
-                x, y = batch[0].to(device), batch[1].to(device)
-                with torch.no_grad():  # recording starts at the first target layer
-                    logits = model(x)
-                feats = cap.features()
-                own = logits.gather(1, y[:, None]).sum()
-                grads = torch.autograd.grad(own, feats)
-                with torch.no_grad():
-                    prob = logits.double().softmax(1)
-                    conf = prob.gather(1, y[:, None]).squeeze(1)
-                    ok = (logits.argmax(1) == y) & (conf >= min_confidence)
-                    key = true_class_log_odds(logits, y)
-                    index = rank + world * (seen + torch.arange(len(y), device=y.device))
-                    vecs = [
-                        channel_grad(
-                            r.channels_first(g),
-                            grad_mode,
-                            r.channels_first(a) if gate_activation else None,
-                        )[ok].cpu()
-                        for r, g, a in zip(refs, grads, feats)
-                    ]
-                    buf.add(y[ok].cpu(), key[ok].cpu(), index[ok].cpu(), vecs)
-                seen += len(y)
-                cap.clear()
-    finally:
-        model.train(was_training)
+    seen = _scan(
+        model, batches, refs, buf, num_classes, min_confidence, grad_mode, gate_activation,
+        rank, world,
+    )  # fmt: skip
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
         buf.merge_from(
             _gather(accelerator, buf.conf),
@@ -507,6 +481,104 @@ def diagnose(
     _logger.debug("diagnosed %d images, %d used", seen, int(counts.sum()))
     # the weights hash lets Diagnosis.load(path, model) tell other weights of this architecture
     return Diagnosis(out, counts, model_fingerprint(model, refs, weights=True), options)
+
+
+def _scan(
+    model: nn.Module,
+    batches: Iterable,
+    refs: Sequence[LayerRef],
+    buf: _TopN,
+    num_classes: int,
+    min_confidence: float,
+    grad_mode: str,
+    gate_activation: bool,
+    rank: int,
+    world: int,
+) -> int:
+    """The gradient pass of :func:`diagnose`: fill ``buf``; return the number of images seen."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with FeatureCapture(model, refs, graph_from_first=True) as cap:
+            for batch in batches:
+                x = batch[0].to(device)
+                with torch.no_grad(), _input_errors():  # recording starts at the first layer
+                    logits = model(x)
+                y = _checked_labels(batch[1], logits, num_classes).to(device)
+                feats = cap.features()
+                own = logits.gather(1, y[:, None]).sum()
+                grads = torch.autograd.grad(own, feats)
+                with torch.no_grad():
+                    prob = logits.double().softmax(1)
+                    conf = prob.gather(1, y[:, None]).squeeze(1)
+                    ok = (logits.argmax(1) == y) & (conf >= min_confidence)
+                    key = true_class_log_odds(logits, y)
+                    index = rank + world * (seen + torch.arange(len(y), device=y.device))
+                    vecs = [
+                        channel_grad(
+                            r.channels_first(g),
+                            grad_mode,
+                            r.channels_first(a) if gate_activation else None,
+                        )[ok].cpu()
+                        for r, g, a in zip(refs, grads, feats)
+                    ]
+                    buf.add(y[ok].cpu(), key[ok].cpu(), index[ok].cpu(), vecs)
+                seen += len(y)
+                cap.clear()
+    finally:
+        model.train(was_training)
+    return seen
+
+
+# torch's message when the images' channels do not match the first conv (1-channel images for
+# an RGB model): the one input mistake worth naming, the rest stay tracebacks
+_CHANNELS = re.compile(r"expected input\[([\d, ]+)\] to have (\d+) channels, but got (\d+)")
+
+
+@contextmanager
+def _input_errors() -> Iterator[None]:
+    """Turn a channel-count mismatch between the images and the model into one MDError line."""
+    try:
+        yield
+    except RuntimeError as e:
+        m = _CHANNELS.search(str(e))
+        if m is None:
+            raise
+        want, got = int(m.group(2)), int(m.group(3))
+        raise MDError(
+            f"the images have {got} channel(s) but the model takes {want} (input "
+            f"[{m.group(1)}]): convert the images (e.g. grayscale to RGB) or create the model "
+            f"with in_chans={got}"
+        ) from None
+
+
+def _checked_labels(y: Any, logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The batch's labels as int64 class indices, or one MDError line saying what is wrong."""
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise MDError(
+            f"diagnose was given num_classes={num_classes} but the model outputs "
+            f"{tuple(logits.shape[1:])} per image; pass the model's number of classes"
+        )
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise MDError(
+            f"the loader's labels are {str(y.dtype)[6:]}, not integer class indices (one-hot or "
+            "soft targets?): diagnose needs each image's class index"
+        )
+    if y.dim() != 1 or len(y) != len(logits):
+        raise MDError(
+            f"the loader gave labels of shape {tuple(y.shape)} for {len(logits)} images; "
+            "diagnose needs one class index per image"
+        )
+    bad = y[(y < 0) | (y >= num_classes)]
+    if len(bad):
+        raise MDError(
+            f"the loader gave label {int(bad[0])}, out of range for {num_classes} classes "
+            f"(0..{num_classes - 1})"
+        )
+    return y.long()
 
 
 def shard_dataset(dataset: Any, num_processes: int = 1, process_index: int = 0) -> Any:
