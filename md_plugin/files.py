@@ -72,12 +72,34 @@ def _write_error_text(e: BaseException) -> str:
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
-    """Write a file atomically: ``write(f)`` fills a temp file that is then renamed into place."""
+    """Write a file atomically: ``write(f)`` fills a temp file that is then renamed into place.
+
+    Args:
+        path: The file to write; its folder is created.
+        write: Writes the content to the binary file object it is given.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        MDError: One line when the file cannot be written (the previous file is untouched).
+    """
     with _atomic_file(path) as f:
         write(f)
     return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Text (summary.csv, args.yaml, JSON) written like a checkpoint: temp, fsync, rename."""
+    """Text (summary.csv, args.yaml, JSON) written like a checkpoint: temp, fsync, rename.
+
+    Args:
+        path: The file to write; its folder is created.
+        text: The content, written as UTF-8.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        MDError: One line when the file cannot be written (the previous file is untouched).
+    """
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -81,6 +81,7 @@ class MaskReport:
     skipped_shapes: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
+        """``"N masks written, M skipped"``."""
         return f"{len(self.written)} masks written, {len(self.skipped)} skipped"
 
 
@@ -89,6 +90,14 @@ class _Skip(Exception):
 
 
 def mask_file_name(index: int) -> str:
+    """``000123.png``: the mask file of a dataset index.
+
+    Args:
+        index: The dataset index.
+
+    Returns:
+        The file name.
+    """
     return f"{int(index):06d}.png"
 
 

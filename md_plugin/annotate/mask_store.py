@@ -35,6 +35,17 @@ def load_masks(
     image, not image #0); pixels > 127 are foreground (files are written as 0/255). Files whose
     stem is not an integer are ignored with a warning; ``masks.json`` and other non-PNG files are
     ignored silently.
+
+    Args:
+        mask_dir: The folder ``labelme_to_masks`` wrote.
+        dataset_size: Skip indices at or beyond it.
+        image_size: ``(height, width)`` every mask must have, or a function of the index.
+
+    Returns:
+        Dataset index -> bool ``(H, W)`` foreground.
+
+    Raises:
+        DataError: The folder does not exist.
     """
     root = Path(mask_dir).expanduser()
     if not root.is_dir():

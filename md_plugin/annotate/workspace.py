@@ -39,7 +39,15 @@ _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bicubic": Image.Resampling.BI
 
 
 def workspace_file_name(index: int, class_name: str) -> str:
-    """``000123_cat.png``; odd characters in class names become ``_`` so every OS accepts it."""
+    """``000123_cat.png``; odd characters in class names become ``_`` so every OS accepts it.
+
+    Args:
+        index: The dataset index.
+        class_name: The image's class name.
+
+    Returns:
+        The file name.
+    """
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(class_name)).strip("._") or "class"
     return f"{int(index):06d}_{safe}.png"
 
@@ -97,6 +105,22 @@ def write_workspace(
     A non-empty ``out_dir`` is refused unless ``overwrite=True``; even then only the images and
     index files are rewritten. Existing labelme JSON files are never deleted, and index rows of
     files this call does not rewrite are kept, so earlier annotations still map to their index.
+
+    Args:
+        out_dir: The workspace folder.
+        records: Dicts or objects with ``index``, ``label``, ``pred`` and ``confidence``.
+        dataset: The dataset without transforms (``dataset[i]`` gives a PIL image first).
+        class_names: Name per label.
+        size: Enlarge the images to this size (int or ``(height, width)``).
+        overwrite: Write into a non-empty workspace.
+        resample: ``nearest`` (exact pixel blocks) or ``bicubic``.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: A bad record, size or resample option.
+        MDError: A non-empty workspace without ``overwrite``, or a failed write.
     """
     hw = _as_size(size)
     if resample not in _RESAMPLE:
@@ -161,7 +185,17 @@ _INT_COLUMNS = ("index", "label", "pred", "width", "height", "orig_width", "orig
 
 
 def read_index(workspace: str | Path) -> dict[str, dict[str, Any]]:
-    """Rows of ``index.csv`` keyed by image file stem, with numbers parsed; DataError if bad."""
+    """Rows of ``index.csv`` keyed by image file stem, with numbers parsed.
+
+    Args:
+        workspace: The workspace folder.
+
+    Returns:
+        Image file stem -> row (``INDEX_COLUMNS``, numbers as int/float).
+
+    Raises:
+        DataError: A missing or malformed ``index.csv``.
+    """
     path = Path(workspace) / "index.csv"
     try:
         with open(path, newline="") as f:

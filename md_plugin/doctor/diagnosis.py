@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
 
 from ..artifacts import Artifact, load_artifact, save_artifact
 from ..checkpoint import weights_hash
@@ -60,7 +62,13 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LayerDiagnosis:
-    """Per-layer result: ``scores`` [K, C] float, ``masks`` [K, C] bool (True = relevant)."""
+    """Per-layer result: ``scores`` [K, C] float, ``masks`` [K, C] bool (True = relevant).
+
+    Args:
+        name: The layer's module name.
+        scores: Per-class, per-channel gradient mass.
+        masks: Per-class relevant channels.
+    """
 
     name: str
     scores: torch.Tensor
@@ -79,7 +87,14 @@ class LayerDiagnosis:
 
 @dataclass
 class Diagnosis:
-    """The outcome of :func:`diagnose`, saved with enough metadata to refuse a wrong model."""
+    """The outcome of :func:`diagnose`, saved with enough metadata to refuse a wrong model.
+
+    Args:
+        layers: Layer name -> :class:`LayerDiagnosis`, in forward order.
+        counts: ``[K]`` images used per class.
+        fingerprint: :func:`model_fingerprint` of the diagnosed model (with its weights hash).
+        options: The diagnosis options (per class, mask rule, input size, ...).
+    """
 
     layers: dict[str, LayerDiagnosis]
     counts: torch.Tensor  # images used per class, [K]
@@ -97,7 +112,16 @@ class Diagnosis:
     def remask(
         self, mask_rule: str = "theta", theta: float = 0.2, topk: int | None = None
     ) -> Diagnosis:
-        """Same scores, another mask rule (no need to re-run the gradient pass)."""
+        """Same scores, another mask rule (no need to re-run the gradient pass).
+
+        Args:
+            mask_rule: One of ``MASK_RULES`` (``theta``, ``mean``, ``topk``).
+            theta: The min-max threshold of the ``theta`` rule.
+            topk: Channels kept per class by the ``topk`` rule.
+
+        Returns:
+            A new :class:`Diagnosis` with the same scores, counts and fingerprint.
+        """
         layers = {
             n: LayerDiagnosis(
                 n, ld.scores, compute_masks(ld.scores, self.counts, mask_rule, theta, topk)
@@ -291,6 +315,13 @@ def true_class_log_odds(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """``log(p_y / (1 - p_y)) = z_y - logsumexp_{k != y} z_k`` per sample, in float64.
 
     Ranks samples like the true-class softmax probability, without saturating at p = 1.
+
+    Args:
+        logits: ``[B, K]`` logits.
+        targets: ``[B]`` class indices.
+
+    Returns:
+        ``[B]`` float64 log-odds of each sample's own class.
     """
     z = logits.detach().double()
     own = z.gather(1, targets[:, None]).squeeze(1)
@@ -304,6 +335,14 @@ def channel_grad(g: torch.Tensor, mode: str, act: torch.Tensor | None = None) ->
 
     With ``act`` given, only positions where the activation is positive count (the lab fork's
     best variant: gradient gated by positive activation).
+
+    Args:
+        g: The gradient, channels first.
+        mode: ``relu`` (positive part) or ``abs`` (magnitude).
+        act: The layer's activation, channels first (optional gate).
+
+    Returns:
+        ``[B, C]`` float per-channel gradient mass.
     """
     g = g.float()
     if act is not None:
@@ -394,6 +433,30 @@ def diagnose(
     gathered so every rank gets the same result. Images are ranked by the true class's float64
     log-odds (:func:`true_class_log_odds`), ties by dataset index; ``min_confidence`` is a floor
     on the softmax probability.
+
+    Args:
+        model: The trained classifier (put in eval mode for the pass, then restored).
+        loader: Yields ``(images, class indices, ...)``.
+        layers: Layer specs (``last_conv``, ``penultimate_fc``, names, globs) or resolved refs.
+        num_classes: The model's number of outputs (default ``model.num_classes``).
+        per_class: Images kept per class (the N most confident correct ones).
+        min_confidence: Floor on the true-class softmax probability.
+        grad_mode: ``relu`` (positive part of the gradient) or ``abs``.
+        gate_activation: Count only positions where the activation is positive.
+        mask_rule: How scores become masks (``theta``, ``mean``, ``topk``).
+        theta: The ``theta`` rule's min-max threshold.
+        topk: The ``topk`` rule's channels per class.
+        accelerator: An ``accelerate.Accelerator`` for a multi-process pass.
+        progress: Show a progress bar.
+        input_size: ``(C, H, W)`` to resolve the layers at (default: the first batch's).
+
+    Returns:
+        The :class:`Diagnosis` (identical on every rank).
+
+    Raises:
+        ConfigError: A bad option.
+        MDError: One line for labels that are not class indices in range, a ``num_classes``
+            that is not the model's output width, or images the model cannot take.
     """
     if grad_mode not in GRAD_MODES:
         raise ConfigError(f"grad mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -425,8 +488,6 @@ def diagnose(
     if batches is None:
         batches = iter(loader)
     if progress:
-        from tqdm.auto import tqdm
-
         total = len(loader) if hasattr(loader, "__len__") else None
         batches = tqdm(batches, desc="diagnose", leave=False, dynamic_ncols=True, total=total)
     buf = _TopN(num_classes, per_class, [r.channels for r in refs])
@@ -587,11 +648,17 @@ def shard_dataset(dataset: Any, num_processes: int = 1, process_index: int = 0) 
     Every item lands on exactly one rank. ``accelerator.prepare`` on a loader instead pads the
     last batches with repeated items (``even_batches``), and a repeated image can fill two of a
     class's top-N slots, so the multi-process diagnosis would differ from the single-process one.
+
+    Args:
+        dataset: A map-style dataset.
+        num_processes: The number of ranks.
+        process_index: This rank.
+
+    Returns:
+        ``dataset`` itself for one process, else a :class:`~torch.utils.data.Subset`.
     """
     if num_processes <= 1:
         return dataset
-    from torch.utils.data import Subset
-
     return Subset(dataset, range(process_index, len(dataset), num_processes))
 
 

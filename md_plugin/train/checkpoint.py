@@ -44,6 +44,11 @@ class CheckpointManager:
 
     Nothing is written when the model or EMA state holds NaN/inf (``NonFiniteCheckpoint``), so
     every checkpoint in the folder is a good one and :meth:`last_good` can name it.
+
+    Args:
+        out_dir: The run folder.
+        max_history: How many ``checkpoint-<epoch>`` files to keep (0: no best/history files).
+        decreasing: A lower metric is better (a loss).
     """
 
     def __init__(self, out_dir: Path, max_history: int = 10, decreasing: bool = False):
@@ -59,17 +64,31 @@ class CheckpointManager:
         return a < b if self.decreasing else a > b
 
     def state_dict(self) -> dict[str, Any]:
+        """The best/history bookkeeping, saved in every checkpoint as ``saver``.
+
+        Returns:
+            ``{"history": [[metric, epoch], ...], "best": [metric, epoch] or None}``.
+        """
         return {
             "history": [list(h) for h in self.history],
             "best": list(self.best) if self.best else None,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the bookkeeping from a checkpoint's ``saver`` entry (resume).
+
+        Args:
+            sd: What :meth:`state_dict` returned.
+        """
         self.history = [(float(m), int(e)) for m, e in sd.get("history", [])]
         self.best = tuple(sd["best"]) if sd.get("best") else None  # type: ignore[assignment]
 
     def last_good(self) -> str:
-        """One sentence naming the checkpoint to go back to (or saying there is none)."""
+        """One sentence naming the checkpoint to go back to (or saying there is none).
+
+        Returns:
+            The sentence, for the end of an error message.
+        """
         path = self.out_dir / "last.pth.tar"
         if self.last_epoch is None or not path.is_file():
             return "No checkpoint was written yet (nothing to resume)."
