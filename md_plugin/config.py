@@ -201,8 +201,39 @@ def _yaml_error(e: yaml.YAMLError) -> str:
     return f"{where}{' '.join(str(problem).split())}{hint}"
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain PyYAML keeps the last value silently (``lr`` twice: the second wins). Keys brought in
+    by a merge (``<<: *base``) may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; every failure is one ConfigError line naming the file.
+    """Parse a YAML config file; every failure is one ConfigError line naming the file.
+
+    A key given twice in one mapping is refused (plain YAML loaders keep the last silently).
 
     Args:
         path: the file.
@@ -214,7 +245,11 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); give it once"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -224,6 +259,15 @@ def read_yaml(path: str | Path) -> Any:
 def _flatten(raw: dict[Any, Any], path: Path) -> dict[str, Any]:
     """Dest names for every key: dashes become underscores, an ``md:`` block becomes md_*."""
     flat: dict[str, Any] = {}
+    given_as: dict[str, str] = {}  # dest -> the key as written, to name both of a clash
+
+    def put(dest: str, written: str, value: Any) -> None:
+        if dest in flat:  # `md: {alpha: ..}` and `md_alpha: ..`, or `md-alpha` and `md_alpha`
+            raise ConfigError(
+                f"{path}: {given_as[dest]!r} and {written!r} both set {dest}; give it once"
+            )
+        flat[dest], given_as[dest] = value, written
+
     for k, v in raw.items():
         key = str(k).replace("-", "_")
         if key == "config":  # recorded in a run's args.yaml; re-using that file must work
@@ -233,11 +277,11 @@ def _flatten(raw: dict[Any, Any], path: Path) -> dict[str, Any]:
             enabled = v.pop("enabled", True)
             if not isinstance(enabled, bool):
                 raise ConfigError(f"{path}: key 'md.enabled' expects true/false, got {enabled!r}")
-            flat["md"] = enabled
+            put("md", "md", enabled)
             for mk, mv in v.items():
-                flat["md_" + str(mk).replace("-", "_")] = mv
+                put("md_" + str(mk).replace("-", "_"), f"md.{mk}", mv)
         else:
-            flat[key] = v
+            put(key, str(k), v)
     return flat
 
 

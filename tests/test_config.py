@@ -79,3 +79,40 @@ def test_help_shows_defaults():
     text = _parser().format_help()
     assert "learning rate (default: 0.1)" in text and "a name (default: x)" in text
     assert "a switch\n" in text  # a switch is off unless given: no "(default: False)"
+
+
+def test_a_key_given_twice_is_one_line_naming_key_and_file(tmp_path):
+    """Plain YAML keeps the last `lr` silently; a config must not."""
+    from md_plugin.train.args import parse_args
+
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("lr: 0.1\nepochs: 3\nlr: 0.5\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["-c", str(cfg)])
+    msg = str(e.value)
+    assert "\n" not in msg and str(cfg) in msg and "'lr' is given twice (lines 1 and 3)" in msg
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("md:\n  alpha: 0.1\n  alpha: 0.2\n")
+    with pytest.raises(ConfigError, match="'alpha' is given twice"):
+        parse_args(["-c", str(nested)])
+    merged = tmp_path / "merge.yaml"  # a merge key's values may be overridden, as YAML intends
+    merged.write_text("base: &b {a: 1}\nmodel_kwargs:\n  <<: *b\n  a: 2\n")
+    p = _parser()
+    p.add_argument("--base", nargs="*", default={}, action=KwargsAction)
+    assert load_config(merged, p)["model_kwargs"] == {"a": 2}
+
+
+def test_a_key_in_the_md_block_and_flat_is_one_line(tmp_path):
+    from md_plugin.train.args import parse_args
+
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text("md:\n  alpha: 0.1\nmd_alpha: 0.7\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["-c", str(cfg)])
+    msg = str(e.value)
+    assert "\n" not in msg and str(cfg) in msg
+    assert "'md.alpha' and 'md_alpha' both set md_alpha" in msg
+    dashed = tmp_path / "dashed.yaml"  # two spellings of one flag are the same clash
+    dashed.write_text("md-alpha: 0.1\nmd_alpha: 0.7\n")
+    with pytest.raises(ConfigError, match="'md-alpha' and 'md_alpha' both set md_alpha"):
+        parse_args(["-c", str(dashed)])
