@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "apply_config",
     "args_to_yaml_dict",
     "load_config",
+    "parser_actions",
     "read_yaml",
 ]
 
@@ -57,13 +59,14 @@ class HelpFormatter(argparse.HelpFormatter):
     """Every option's help line ends with its default, except switches and required options.
 
     A switch (``store_true``) is off unless given, and a required option has no default, so
-    "(default: False)" / "(default: None)" would only add noise there.
+    "(default: False)" / "(default: None)" would only add noise there; a help text that already
+    says what the default is keeps its own words.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default is argparse.SUPPRESS or action.required:
-            return text
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or action.required:
+            return text  # the text says the default itself (or there is none)
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
         if not action.option_strings and action.nargs not in (argparse.OPTIONAL, "*"):
@@ -84,8 +87,25 @@ def _show_default(value: Any) -> str:
     return str(value)
 
 
+class _HelpAllAction(argparse.Action):
+    """``--help-all``: the help including the hidden groups, then exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        # no destination (like -h): nothing lands in the namespace or reads as a config key
+        super().__init__(
+            option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser._print_message(parser.format_help(show_all=True), sys.stdout)
+        parser.exit()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one :class:`ConfigError` line instead of usage + exit.
+
+    Groups added with ``hidden=True`` (flags that exist only so other tools' configs load) stay
+    out of ``--help``; the parser then has ``--help-all``, which lists them too.
 
     Args:
         null_values: what a YAML ``null`` means for a key whose default is not ``None`` (e.g.
@@ -99,6 +119,38 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.null_values: dict[str, Any] = dict(null_values or {})
+        self._hidden_groups: list[argparse._ArgumentGroup] = []
+
+    def add_argument_group(self, *args: Any, hidden: bool = False, **kwargs: Any):
+        """An argument group; ``hidden=True`` keeps it out of ``--help`` (see ``--help-all``)."""
+        group = super().add_argument_group(*args, **kwargs)
+        if hidden:
+            if not self._hidden_groups:
+                self.add_argument(
+                    "--help-all", action=_HelpAllAction, help="show the help with every flag"
+                )
+            self._hidden_groups.append(group)
+        return group
+
+    def format_help(self, show_all: bool = False) -> str:  # type: ignore[override]
+        """The help text; without ``show_all`` the hidden groups are left out and named."""
+        if show_all or not self._hidden_groups:
+            return super().format_help()
+        hidden = [a for g in self._hidden_groups for a in g._group_actions]
+        saved_help = [a.help for a in hidden]
+        saved_groups, saved_epilog = self._action_groups, self.epilog
+        titles = "; ".join(str(g.title) for g in self._hidden_groups)
+        note = f"--help-all also lists {len(hidden)} more flags: {titles}."
+        try:
+            for a in hidden:
+                a.help = argparse.SUPPRESS
+            self._action_groups = [g for g in saved_groups if g not in self._hidden_groups]
+            self.epilog = f"{saved_epilog}\n\n{note}" if saved_epilog else note
+            return super().format_help()
+        finally:
+            for a, text in zip(hidden, saved_help):
+                a.help = text
+            self._action_groups, self.epilog = saved_groups, saved_epilog
 
     def error(self, message: str):  # type: ignore[override]
         raise ConfigError(f"{message} (see {self.prog} --help)")
@@ -113,7 +165,9 @@ def parser_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
     Returns:
         dest -> action, for every option and positional a config file may set.
     """
-    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    return {
+        a.dest: a for a in parser._actions if a.dest not in ("help", "config", argparse.SUPPRESS)
+    }
 
 
 _BOOL_ACTIONS = (

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from md_plugin.errors import ConfigError
-from md_plugin.train.args import INERT, NO_OPS, NULL_VALUES, REFUSED, create_parser, parse_args
+from md_plugin.train.args import NO_OPS, NULL_VALUES, REFUSED, create_parser, parse_args
+from md_plugin.train.timm_compat import INERT_FLAGS
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -153,15 +154,63 @@ def test_timm_0_4_keys_are_known(tmp_path):
     assert a.bn_tf is False and a.jsd is False and a.validation_batch_size is None
 
 
-def test_every_flag_is_in_help():
-    parser = create_parser()
-    text = parser.format_help()
-    for act in parser._actions:
-        assert act.help != "==SUPPRESS==", act.dest
+def _help_of(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_flag_has_a_help_line_with_its_default():
+    for act in create_parser()._actions:
+        assert act.help and act.help.strip() and act.help != "==SUPPRESS==", act.dest
+    a = parse_args([])
+    formatter = create_parser().formatter_class(prog="train_md.py")
+    for act in create_parser()._actions:  # the shown default is the parsed one
+        if act.option_strings and act.nargs != 0 and "default" not in act.help.lower():
+            text = formatter._get_help_string(act)
+            assert text.endswith(")") and "(default: " in text, act.dest
+            assert getattr(a, act.dest) == act.default, act.dest
+
+
+def test_help_hides_the_timm_compat_flags_and_help_all_lists_them(capsys):
+    text = _help_of(["--help"], capsys)
+    full = _help_of(["--help-all"], capsys)
+    assert "(default: 0.1)" in text and "--md-alpha" in text  # defaults are shown
+    hidden = {*REFUSED, *INERT_FLAGS, *NO_OPS, "worker_seeding"}
+    for dest in hidden:
+        flag = "--" + dest.replace("_", "-")
+        assert flag not in text, flag  # grouped away from the flags that train something
+        assert flag in full, flag
+    assert "--help-all also lists 62 more flags" in text
+    assert len(text.splitlines()) < len(full.splitlines()) - 60
+    for act in create_parser()._actions:  # every other flag is in the plain help
         for opt in act.option_strings:
-            assert opt in text, opt
-    for dest in [*REFUSED, *INERT, *NO_OPS]:
-        assert "--" + dest.replace("_", "-") in text or dest == "local_rank", dest
+            assert opt in full, opt
+            assert opt in text or act.dest in hidden, opt
+
+
+def test_warmup_longer_than_the_run_warns_once():
+    with pytest.warns(UserWarning, match="--warmup-epochs 5 >= --epochs 2") as rec:
+        parse_args(["--epochs", "2"])
+    assert len([w for w in rec if "warm-up" in str(w.message)]) == 1
+    assert "\n" not in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_args(["--epochs", "6"])  # 5 of 6 epochs warm up: the run still reaches its lr
+        parse_args(["--epochs", "2", "--warmup-epochs", "0"])
+        parse_args(["--epochs", "2", "--warmup-prefix"])  # the warm-up comes before the run
+        parse_args(["--epochs", "2", "--sched", "none"])  # no schedule, no warm-up
+
+
+def test_trust_remote_code_without_a_hugging_face_dataset_is_one_warning(tmp_path):
+    """timm ignores dataset_trust_remote_code unless the dataset is hfds/...: so do we."""
+    cfg = _yaml(tmp_path, "dataset: torch/cifar10\ndataset_trust_remote_code: true\n")
+    with pytest.warns(UserWarning, match=r"--dataset-trust-remote-code \(needs a Hugging Face"):
+        a = parse_args(["-c", cfg])
+    assert a.dataset_trust_remote_code is True
+    with pytest.raises(ConfigError, match="--dataset-trust-remote-code"):
+        parse_args(["--dataset", "hfds/beans", "--dataset-trust-remote-code"])
 
 
 def test_null_where_timm_accepts_none(tmp_path):

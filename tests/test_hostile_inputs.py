@@ -27,7 +27,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from md_plugin.config import KwargsAction
+from md_plugin.config import KwargsAction, parser_actions
 from md_plugin.errors import ConfigError, MDError
 from md_plugin.train import args as args_mod
 from md_plugin.train.args import create_parser, parse_args
@@ -35,7 +35,7 @@ from md_plugin.train.checkpoint import load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet20_cifar", "--epochs", "1", "--workers", "0", "--no-progress",
-        "--log-interval", "0", "--lr", "0.01", "--seed", "0"]  # fmt: skip
+        "--log-interval", "0", "--lr", "0.01", "--warmup-epochs", "0", "--seed", "0"]  # fmt: skip
 
 
 def _world(root: Path) -> dict[str, Path]:
@@ -405,7 +405,7 @@ def test_one_clear_error_line_from_cli(world, name, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------
 # property-based: the config parser
 # ------------------------------------------------------------------------------------------
-_ACTIONS = {a.dest: a for a in create_parser()._actions if a.dest not in ("help", "config")}
+_ACTIONS = parser_actions(create_parser())
 
 _scalars = st.one_of(
     st.none(),
