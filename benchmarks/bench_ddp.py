@@ -47,8 +47,8 @@ from benchmarks.bench_treatment import (  # noqa: E402
     random_diagnosis,
 )
 from benchmarks.naive_reference import map_official_to_ours  # noqa: E402
+from md_plugin.doctor.treatment import ModelDoctor  # noqa: E402
 from md_plugin.layers import resolve_layers  # noqa: E402
-from md_plugin.losses.treatment import ModelDoctor  # noqa: E402
 
 
 def time_layer(ddp, model, opt, x, y, layer: str, prec, ks: list[int], args) -> dict:

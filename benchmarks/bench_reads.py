@@ -41,8 +41,8 @@ from benchmarks._common import (  # noqa: E402
     synchronize,
 )
 from benchmarks.bench_treatment import NUM_CLASSES, random_diagnosis  # noqa: E402
+from md_plugin.doctor.treatment import ModelDoctor  # noqa: E402
 from md_plugin.layers import resolve_layers  # noqa: E402
-from md_plugin.losses.treatment import ModelDoctor  # noqa: E402
 from md_plugin.train.engine import RunningSums  # noqa: E402
 
 KEYS = ("loss", "ce", "md_channel", "md_spatial", "md_irr_mass", "md_irr_share")

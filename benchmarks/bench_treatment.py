@@ -62,8 +62,8 @@ from benchmarks._common import (  # noqa: E402
 )
 from benchmarks.naive_reference import NaiveModelDoctor, map_official_to_ours  # noqa: E402
 from md_plugin.doctor import Diagnosis, LayerDiagnosis, model_fingerprint  # noqa: E402
+from md_plugin.doctor.treatment import ModelDoctor  # noqa: E402
 from md_plugin.layers import resolve_layers  # noqa: E402
-from md_plugin.losses.treatment import ModelDoctor  # noqa: E402
 
 # last conv of the last / middle / first stage that still has a spatial map at 32 px
 PRESETS = {

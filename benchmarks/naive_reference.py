@@ -4,7 +4,7 @@ Source: the project spec (``model-doctor-spec.md`` section 2, the official ``gra
 as described there), NOT from ``md_plugin``. It is deliberately as unoptimised as the official
 code is, so that it serves two purposes:
 
-* an independent numerical reference for ``md_plugin.losses.treatment.ModelDoctor``
+* an independent numerical reference for ``md_plugin.doctor.treatment.ModelDoctor``
   (``tests/test_naive_reference.py``), and
 * the "official cost" baseline in ``benchmarks/bench_treatment.py``.
 

@@ -50,8 +50,8 @@ import timm  # noqa: E402
 import md_plugin  # noqa: E402,F401  (registers resnet20_cifar)
 from md_plugin.checkpoint import load_weights  # noqa: E402
 from md_plugin.doctor import Diagnosis, diagnose  # noqa: E402
+from md_plugin.doctor.treatment import ModelDoctor  # noqa: E402
 from md_plugin.layers import FeatureCapture, resolve_layers  # noqa: E402
-from md_plugin.losses.treatment import ModelDoctor  # noqa: E402
 
 ARMS = {"ctl": (0.0, 1), "k1": (0.078, 1), "k4": (0.078, 4)}
 

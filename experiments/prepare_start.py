@@ -28,7 +28,7 @@ import md_plugin  # noqa: F401
 from md_plugin.cli import _setup
 from md_plugin.data.datasets import TransformedDataset, get_class_names
 from md_plugin.doctor import diagnose
-from md_plugin.losses.treatment import ModelDoctor
+from md_plugin.doctor.treatment import ModelDoctor
 from md_plugin.train.tables import format_diagnosis_table
 
 

@@ -25,7 +25,7 @@ _LAZY = {
     "LayerDiagnosis": "md_plugin.doctor.diagnosis",
     "shard_dataset": "md_plugin.doctor.diagnosis",
     "compute_masks": "md_plugin.doctor.masks",
-    "ModelDoctor": "md_plugin.losses.treatment",
+    "ModelDoctor": "md_plugin.doctor.treatment",
     "ModelDoctorTask": "md_plugin.task",
     "resolve_layers": "md_plugin.layers.select",
     "trace_model": "md_plugin.layers.select",
@@ -56,9 +56,9 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .doctor.diagnosis import Diagnosis, LayerDiagnosis, diagnose, shard_dataset
     from .doctor.masks import compute_masks
+    from .doctor.treatment import ModelDoctor
     from .layers.hooks import FeatureCapture
     from .layers.select import LayerRef, resolve_layers, trace_model
-    from .losses.treatment import ModelDoctor
     from .report.gradmaps import spatial_gradient_maps
     from .task import ModelDoctorTask
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from md_plugin.doctor import diagnose
 from md_plugin.doctor.diagnosis import shard_dataset
-from md_plugin.losses.treatment import ModelDoctor
+from md_plugin.doctor.treatment import ModelDoctor
 
 WORLD = 2
 NUM_CLASSES = 4

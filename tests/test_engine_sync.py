@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from md_plugin.losses.treatment import ModelDoctor
+from md_plugin.doctor.treatment import ModelDoctor
 from md_plugin.train.args import parse_args
 from md_plugin.train.engine import RunningSums, TrainState, train_one_epoch
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from md_plugin.doctor.treatment import ModelDoctor
 from md_plugin.errors import ConfigError
-from md_plugin.losses.treatment import ModelDoctor
 from md_plugin.train.args import parse_args
 from md_plugin.train.engine import TrainState, train_one_epoch
 

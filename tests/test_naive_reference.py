@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.naive_reference import NaiveModelDoctor, map_official_to_ours  # noqa: E402
 from md_plugin.doctor import Diagnosis, LayerDiagnosis, model_fingerprint  # noqa: E402
+from md_plugin.doctor.treatment import ModelDoctor  # noqa: E402
 from md_plugin.layers import resolve_layers  # noqa: E402
-from md_plugin.losses.treatment import ModelDoctor  # noqa: E402
 
 K = 5
 SIZE = 8

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from md_plugin.doctor import dominant_label
 from md_plugin.errors import ConfigError
 from md_plugin.train.args import parse_args
 from md_plugin.train.recipe import (
@@ -15,7 +16,6 @@ from md_plugin.train.recipe import (
     create_mixup,
     create_repeat_sampler,
     create_train_loss,
-    dominant_label,
     set_mixup_epoch,
 )
 

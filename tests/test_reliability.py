@@ -208,7 +208,7 @@ def test_gradient_clipping_covers_the_model_doctor_terms(mode):
     sys.path.insert(0, str(TESTS))
     import mp_worker as w
 
-    from md_plugin.losses.treatment import ModelDoctor
+    from md_plugin.doctor.treatment import ModelDoctor
 
     model = w.make_model()
     diag = w._diagnose(model, w.diag_dataset(model))

@@ -9,7 +9,7 @@ from toy_models import Linearish, make_diagnosis
 
 import md_plugin  # noqa: F401
 from md_plugin.doctor.shares import gradient_shares
-from md_plugin.losses.treatment import ModelDoctor
+from md_plugin.doctor.treatment import ModelDoctor
 
 
 def test_gradient_shares_hand_values_and_scale_invariance():

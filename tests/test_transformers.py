@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import md_plugin  # noqa: F401
 from md_plugin.doctor import Diagnosis, LayerDiagnosis, diagnose, model_fingerprint
+from md_plugin.doctor.treatment import ModelDoctor, confusing_class
 from md_plugin.errors import ConfigError
 from md_plugin.layers import resolve_layers
-from md_plugin.losses.treatment import ModelDoctor, confusing_class
 
 S32 = (3, 32, 32)
 K = 5
@@ -246,7 +246,7 @@ def test_fused_attention_is_switched_off_while_attached_and_restored(caplog):
     attn = [mod for mod in m.modules() if hasattr(mod, "fused_attn")]
     assert attn and all(a.fused_attn for a in attn)
     _, _, diag = _diag_for(m, "blocks.0")
-    with caplog.at_level(logging.INFO, logger="md_plugin.losses.treatment"):
+    with caplog.at_level(logging.INFO, logger="md_plugin.doctor.treatment"):
         md = ModelDoctor(m, diag, alpha=1.0)
     lines = [r.message for r in caplog.records if "fused attention" in r.message]
     assert len(lines) == 1 and "2 module(s)" in lines[0]

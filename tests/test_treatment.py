@@ -13,9 +13,9 @@ from toy_models import Linearish, make_diagnosis
 
 import md_plugin  # noqa: F401
 from md_plugin.doctor import Diagnosis, diagnose
+from md_plugin.doctor.treatment import ModelDoctor, check_wrapped_model, confusing_class
 from md_plugin.errors import ConfigError
 from md_plugin.layers import FeatureCapture, resolve_layers
-from md_plugin.losses.treatment import ModelDoctor, check_wrapped_model, confusing_class
 
 
 def test_channel_loss_matches_hand_computation():
@@ -389,6 +389,39 @@ def test_spatial_loss_hand_value_zero_on_foreground():
     # no annotated sample in the batch -> zero and no gradient work
     loss, parts = md.loss(model(x), y, fg, torch.zeros(3, dtype=torch.bool))
     assert loss.grad_fn is None and parts["md_spatial"].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "alpha, beta",
+    [(float("nan"), 0.0), (float("inf"), 0.0), (-1.0, 0.0), (0.1, float("nan")),
+     (0.1, float("-inf")), (0.1, -0.5), ("0.1", 0.0), (None, 0.0)],
+)  # fmt: skip
+def test_non_finite_or_negative_weights_are_one_config_error(alpha, beta):
+    """NaN fails every comparison, so ``alpha < 0`` alone accepted it (issue 19 item 8)."""
+    d = Diagnosis({}, torch.ones(2, dtype=torch.long), {})
+    with pytest.raises(ConfigError, match="alpha and beta must be finite numbers >= 0") as e:
+        ModelDoctor(nn.Linear(2, 2), d, alpha=alpha, beta=beta)
+    assert "\n" not in str(e.value)
+
+
+def test_old_import_path_works_with_a_deprecation_warning():
+    """ModelDoctor moved to md_plugin.doctor (issue 20 item 6); the old path still works."""
+    import importlib
+
+    import md_plugin.doctor.treatment as new
+
+    assert md_plugin.ModelDoctor is ModelDoctor is new.ModelDoctor
+    assert md_plugin.doctor.ModelDoctor is ModelDoctor
+    old = importlib.import_module("md_plugin.losses.treatment")
+    for name in ("ModelDoctor", "check_wrapped_model", "confusing_class", "resize_mask"):
+        with pytest.warns(DeprecationWarning, match=f"import {name} from md_plugin.doctor"):
+            assert getattr(old, name) is getattr(new, name)
+    # a second importer is warned too (the warning is per name read, not once per process)
+    with pytest.warns(DeprecationWarning, match="md_plugin.losses.treatment is deprecated"):
+        from md_plugin.losses.treatment import ModelDoctor as again
+    assert again is ModelDoctor
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
 
 
 def test_refuses_setups_that_break_double_backward():

@@ -1,14 +1,27 @@
-"""Diagnosis: sifting images and aggregating per-class channel gradients."""
+"""Model Doctor: diagnose (sift images, aggregate per-class channel gradients) and treat.
+
+``diagnosis`` and ``masks`` find the channels each class relies on; ``treatment``
+(:class:`ModelDoctor`) penalises gradients outside them; ``step`` is the forward half of a
+training step that both training loops share.
+"""
 
 from .diagnosis import GRAD_MODES, Diagnosis, LayerDiagnosis, diagnose, model_fingerprint
 from .masks import MASK_RULES, compute_masks
+from .step import loss_scale, treatment_step
+from .treatment import MD_LOSSES, ModelDoctor, check_wrapped_model, dominant_label
 
 __all__ = [
     "GRAD_MODES",
     "MASK_RULES",
+    "MD_LOSSES",
     "Diagnosis",
     "LayerDiagnosis",
+    "ModelDoctor",
+    "check_wrapped_model",
     "compute_masks",
     "diagnose",
+    "dominant_label",
+    "loss_scale",
     "model_fingerprint",
+    "treatment_step",
 ]

@@ -97,7 +97,7 @@ class RunContext:
     resume_partial: dict[str, Any] | None = None
 
     # diagnose: the treatment losses and the metrics before treatment (also kept across resume)
-    doctor: Any = None  # md_plugin.losses.treatment.ModelDoctor when --md
+    doctor: Any = None  # md_plugin.doctor.treatment.ModelDoctor when --md
     before: dict[str, Any] | None = None
 
     # train: the latest evaluation (top1, top5, loss, per_class, confusion)

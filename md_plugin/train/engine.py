@@ -1,28 +1,37 @@
 """One training epoch and one evaluation pass, on an ``accelerate.Accelerator``.
 
-The Model Doctor terms join the classification loss before the single ``accelerator.backward``
-(the DDP-safe pattern: out-of-place ``autograd.grad(create_graph=True)`` on hooked features, then
-one backward). Non-finite losses or gradients skip the step on every rank; too many in a row
-abort with the likely causes named. With ``--md-every k`` the terms join only on optimizer steps
-where ``num_updates % k == 0`` (lazy regularisation, see ``ModelDoctor.begin_step``): the
-counter is the same on every rank and for every micro-batch of a step, and restored on resume.
+Each step's forward half (model, criterion, Model Doctor terms) is
+:func:`md_plugin.doctor.step.treatment_step`, the step ``ModelDoctorTask`` runs too; this module
+adds what only the trainer does around it. The Model Doctor terms join the classification loss
+before the single ``accelerator.backward`` (the DDP-safe pattern: out-of-place
+``autograd.grad(create_graph=True)`` on hooked features, then one backward). Non-finite losses or
+gradients skip the step on every rank; too many in a row abort with the likely causes named;
+running out of memory is one line naming the batch size. With ``--md-every k`` the terms join only
+on optimizer steps where ``num_updates % k == 0`` (lazy regularisation, see
+``ModelDoctor.begin_step``): the counter is the same on every rank and for every micro-batch of a
+step, and restored on resume.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
+from tqdm.auto import tqdm
 
-from ..errors import MDError
+from ..doctor.step import treatment_step
+from ..errors import ConfigError, MDError
 from ..metrics import confusion_matrix, per_class_accuracy
 
 __all__ = [
@@ -31,6 +40,7 @@ __all__ = [
     "train_one_epoch",
     "evaluate",
     "TrainingAborted",
+    "StepOutOfMemory",
     "get_rng_state",
     "set_rng_state",
 ]
@@ -56,8 +66,6 @@ class TrainState:
 def _progress(it, total: int, desc: str, enabled: bool):
     if not enabled:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
@@ -130,10 +138,6 @@ def _any_rank(accelerator, flag: bool) -> bool:
 
 def get_rng_state() -> dict[str, Any]:
     """Global torch/python/numpy (and CUDA) RNG states, as plain values ``weights_only`` loads."""
-    import random
-
-    import numpy as np
-
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     st: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -146,10 +150,6 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(st["torch"])
     v, internal, gauss = st["python"]
     random.setstate((v, tuple(internal), gauss))
@@ -158,6 +158,61 @@ def set_rng_state(st: dict[str, Any]) -> None:
     cuda = st.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+class StepOutOfMemory(ConfigError):
+    """A training step ran out of memory: the batch does not fit on this device."""
+
+
+# the logged loss terms, in summary.csv's column order (md_* only with --md)
+_LOSS_TERMS = ("loss", "ce", "md_channel", "md_spatial", "md_irr_mass", "md_irr_share")
+
+
+class _EpochTally:
+    """The epoch's sample-weighted loss sums and counts, continued from an interruption.
+
+    ``n_md`` counts the samples of the steps that computed the Model Doctor terms (all of them
+    unless ``--md-every``); ``n_new`` the samples trained in this process run (throughput).
+    """
+
+    def __init__(self, partial: dict[str, Any] | None):
+        sums = dict.fromkeys(_LOSS_TERMS, 0.0)
+        self.n_seen = self.n_md = self.skipped = self.n_new = 0
+        if partial:
+            sums.update(partial.get("sums", {}))
+            self.n_seen = int(partial.get("n_seen", 0))
+            self.n_md = int(partial.get("n_md", self.n_seen))
+            self.skipped = int(partial.get("skipped", 0))
+        self.running = RunningSums(sums)
+
+    def add(self, result: dict[str, torch.Tensor], batch_size: int) -> None:
+        parts = {k: v for k, v in result.items() if k.startswith("md_")}
+        self.n_seen += batch_size
+        self.n_new += batch_size
+        if parts:
+            self.n_md += batch_size
+        self.running.add(batch_size, {"loss": result["loss"], "ce": result["task_loss"], **parts})
+
+    def snapshot(self) -> dict[str, Any]:
+        """What an interrupted epoch needs to continue (``partial``), RNG state included."""
+        return {
+            "sums": self.running.read(),
+            "n_seen": self.n_seen,
+            "n_md": self.n_md,
+            "skipped": self.skipped,
+            "rng": get_rng_state(),
+        }
+
+    def means(self, seconds: float, num_processes: int) -> dict[str, float]:
+        """Mean loss terms, throughput and skipped steps for the summary row."""
+        n = max(self.n_seen, 1)
+        # the MD terms are averaged over the steps that computed them (unweighted, so comparable
+        # across --md-every); with --md-every 1 that is every step, n_md == n_seen
+        sums = self.running.read()
+        out = {k: v / (max(self.n_md, 1) if k.startswith("md_") else n) for k, v in sums.items()}
+        out["img_per_s"] = self.n_new * num_processes / max(seconds, 1e-9)
+        out["skipped_steps"] = self.skipped
+        return out
 
 
 def train_one_epoch(
@@ -180,8 +235,8 @@ def train_one_epoch(
     """Train one epoch; returns mean loss terms and throughput for the summary.
 
     ``mixup_fn(x, y) -> (x, y)`` (timm's name) augments each batch on the device: mixup/cutmix
-    make ``y`` soft [B, C] targets; Model Doctor then gets each sample's dominant label (see
-    ``recipe.dominant_label``).
+    make ``y`` soft [B, C] targets; Model Doctor then gets each sample's dominant label
+    (:func:`md_plugin.doctor.dominant_label`).
 
     Resuming mid-epoch (``skip_batches`` > 0) replays the loader through the finished batches
     without training on them, so the sampler order and the augmentation randomness of the
@@ -192,31 +247,16 @@ def train_one_epoch(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    train_step = _OptimizerStep(
+        model, optimizer, criterion, doctor, accelerator, args, state, params
+    )
     stats = running_stat_buffers(model)
     stats_before = [b.clone() for b in stats]  # restored when a step is skipped
-    sums = {
-        "loss": 0.0,
-        "ce": 0.0,
-        "md_channel": 0.0,
-        "md_spatial": 0.0,
-        "md_irr_mass": 0.0,
-        "md_irr_share": 0.0,
-    }
-    n_seen = 0
-    n_md = 0  # samples of the steps that computed the Model Doctor terms (all, unless --md-every)
-    skipped_epoch = 0
-    if partial:
-        sums.update(partial.get("sums", {}))
-        n_seen = int(partial.get("n_seen", 0))
-        n_md = int(partial.get("n_md", n_seen))
-        skipped_epoch = int(partial.get("skipped", 0))
-    running = RunningSums(sums)
+    tally = _EpochTally(partial)
     n_batches = len(loader)
-    scaler = getattr(accelerator, "scaler", None)
     show = accelerator.is_main_process and not args.no_progress and sys.stderr.isatty()
     it = _progress(loader, n_batches, f"train {epoch}", show)
     t0 = time.perf_counter()
-    n_new = 0
     for step, batch in enumerate(it):
         if step < skip_batches:  # finished before the interruption: load, do not train
             if step == skip_batches - 1 and partial and partial.get("rng") is not None:
@@ -227,104 +267,152 @@ def train_one_epoch(
         fg, has = (batch[2], batch[3]) if len(batch) > 2 else (None, None)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
-        ok, what = True, ""
-        parts = None
-        with torch.no_grad():
-            for saved, b in zip(stats_before, stats):
-                saved.copy_(b)
-        # decided per optimizer step from the shared update counter (lazy regularisation)
-        md_due = doctor is not None and doctor.computes and doctor.begin_step(state.num_updates)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                logits = model(x)
-                ce = criterion(logits, y)
-                loss = ce
-                if md_due:  # training on it, or --md-monitor; every k-th step with --md-every
-                    grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-                    md_y = y.argmax(-1) if y.dim() == 2 else y  # soft targets: dominant label
-                    md_loss, parts = doctor.loss(logits, md_y, fg, has, grad_scale=grad_scale)
-                    loss = ce + md_loss
-            if not _all_finite(accelerator, loss):
-                ok, what = False, f"loss={loss.item()}"
-            else:
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if args.clip_grad is not None and args.clip_mode == "norm":
-                        # the pre-clip total norm it returns doubles as the finite check: a
-                        # non-finite step is skipped below, so its clipped gradients never apply
-                        gnorm = accelerator.clip_grad_norm_(params, args.clip_grad)
-                        gnorm = _grad_norm(params) if gnorm is None else gnorm  # DeepSpeed
-                        if scaler is None and not _all_finite(accelerator, gnorm):
-                            ok, what = False, "non-finite gradient"
-                    elif scaler is None and not _all_finite(accelerator, _grad_norm(params)):
-                        ok, what = False, "non-finite gradient"
-                    elif args.clip_grad is not None:  # value / agc: check first, inf clamps finite
-                        from timm.utils import dispatch_clip_grad
-
-                        accelerator.unscale_gradients()
-                        dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
-                if ok:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not ok:
-            with torch.no_grad():  # the skipped forward pass leaves no trace in BatchNorm
-                for saved, b in zip(stats_before, stats):
-                    b.copy_(saved)
-            skipped_epoch += 1
+        _copy_buffers(stats_before, stats)
+        result, what = train_step(x, y, fg, has)
+        if what:  # skipped: the non-finite forward pass leaves no trace in BatchNorm
+            _copy_buffers(stats, stats_before)
+            tally.skipped += 1
             _bad_step(state, args, epoch, step, what, accelerator)
         else:
-            if accelerator.sync_gradients:
-                if accelerator.optimizer_step_was_skipped:
-                    state.skipped_total += 1  # fp16 scaler overflow: normal early in training
-                else:
-                    state.bad_steps = 0
-                    state.num_updates += 1
-                    if model_ema is not None:
-                        model_ema.update(accelerator.unwrap_model(model), step=state.num_updates)
-                    if lr_scheduler is not None:
-                        lr_scheduler.step_update(num_updates=state.num_updates)
-            bs = y.shape[0]
-            n_seen += bs
-            n_new += bs
-            if parts is not None:
-                n_md += bs
-            running.add(bs, {"loss": loss, "ce": ce, **(parts or {})})
-            if (
-                accelerator.is_main_process
-                and args.log_interval
-                and (step % args.log_interval == 0 or step == n_batches - 1)
-                and not show
-            ):
-                lr = optimizer.param_groups[0]["lr"]
-                _logger.info(
-                    "Train: %d [%d/%d] loss %.4f ce %.4f lr %.3g",
-                    epoch, step, n_batches, loss.item(), ce.item(), lr,
-                )  # fmt: skip
+            _count_update(state, accelerator, model, model_ema, lr_scheduler)
+            tally.add(result, y.shape[0])
+            if accelerator.is_main_process and args.log_interval and not show:
+                _log_step(epoch, step, n_batches, args.log_interval, result, optimizer)
         if on_step is not None:
             on_step(step)
         # stop only where gradients were applied: no accumulated gradient is lost, and the
         # accumulation counter of the resumed run lines up with the uninterrupted one
         if accelerator.sync_gradients and _any_rank(accelerator, state.stop_requested):
-            state.stop_requested = True
-            state.extra["interrupted"] = True
-            state.extra["interrupted_step"] = step + 1
-            state.extra["partial"] = {
-                "sums": running.read(),
-                "n_seen": n_seen,
-                "n_md": n_md,
-                "skipped": skipped_epoch,
-                "rng": get_rng_state(),
-            }
+            _record_interrupt(state, step, tally)
             break
-    dt = time.perf_counter() - t0
-    n = max(n_seen, 1)
-    # the MD terms are averaged over the steps that computed them (unweighted, so comparable
-    # across --md-every); with --md-every 1 that is every step, n_md == n_seen
-    sums = running.read()
-    out = {k: v / (max(n_md, 1) if k.startswith("md_") else n) for k, v in sums.items()}
-    out["img_per_s"] = n_new * accelerator.num_processes / max(dt, 1e-9)
-    out["skipped_steps"] = skipped_epoch
-    return out
+    return tally.means(time.perf_counter() - t0, accelerator.num_processes)
+
+
+def _copy_buffers(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+@dataclass
+class _OptimizerStep:
+    """One micro-batch of training: the shared forward (:func:`treatment_step`), backward and,
+    on a step that syncs gradients, clipping, the finite check and the optimizer update."""
+
+    model: nn.Module
+    optimizer: Any
+    criterion: Callable
+    doctor: Any
+    accelerator: Any
+    args: Any
+    state: TrainState
+    params: list[torch.Tensor]
+
+    def __call__(self, x, y, fg=None, has=None) -> tuple[dict[str, torch.Tensor], str]:
+        """Run the step; running out of memory becomes one line that names the batch size.
+
+        Returns:
+            The step's result (see :func:`treatment_step`) and ``''``, or why the step was
+            skipped (a non-finite loss or gradient; nothing was applied).
+        """
+        try:
+            return self._run(x, y, fg, has)
+        except RuntimeError as e:
+            if not _is_out_of_memory(e):
+                raise
+            raise StepOutOfMemory(_oom_message(x, self.args, self.doctor is not None)) from None
+
+    def _run(self, x, y, fg, has) -> tuple[dict[str, torch.Tensor], str]:
+        acc, scaler = self.accelerator, getattr(self.accelerator, "scaler", None)
+        what = ""
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                # the step index is the shared update counter: every micro-batch of a step,
+                # every rank and a resumed run decide alike whether the penalties are due
+                result = treatment_step(
+                    self.model, self.criterion, self.doctor, x, y, fg, has,
+                    step=self.state.num_updates, loss_scaler=scaler,
+                )  # fmt: skip
+            loss = result["loss"]
+            if not _all_finite(acc, loss):
+                what = f"loss={loss.item()}"
+            else:
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    what = _clip_and_check(acc, self.params, self.args, scaler)
+                if not what:
+                    self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return result, what
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA; ``torch.OutOfMemoryError`` is the same class), or the
+    RuntimeError the CPU and MPS allocators raise."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
+
+
+def _oom_message(x: torch.Tensor, args, md: bool) -> str:
+    bs, accum = int(x.shape[0]), max(int(getattr(args, "grad_accum_steps", 1) or 1), 1)
+    why = " (Model Doctor's double backward needs more memory than plain training)" if md else ""
+    return (
+        f"out of memory in a training step at batch size {bs} per process on {x.device}{why}: "
+        f"lower --batch-size; -b {max(bs // 2, 1)} --grad-accum-steps {2 * accum} keeps the "
+        "effective batch"
+    )
+
+
+def _clip_and_check(accelerator, params: list[torch.Tensor], args, scaler) -> str:
+    """Clip the synced gradients as asked; returns '' or why the step must be skipped."""
+    if args.clip_grad is not None and args.clip_mode == "norm":
+        # the pre-clip total norm it returns doubles as the finite check: a non-finite step is
+        # skipped, so its clipped gradients never apply
+        gnorm = accelerator.clip_grad_norm_(params, args.clip_grad)
+        gnorm = _grad_norm(params) if gnorm is None else gnorm  # DeepSpeed
+        if scaler is None and not _all_finite(accelerator, gnorm):
+            return "non-finite gradient"
+    elif scaler is None and not _all_finite(accelerator, _grad_norm(params)):
+        return "non-finite gradient"
+    elif args.clip_grad is not None:  # value / agc: check first, inf clamps finite
+        accelerator.unscale_gradients()
+        dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
+    return ""
+
+
+def _count_update(state: TrainState, accelerator, model, model_ema, lr_scheduler) -> None:
+    """After an applied step: the update counter, EMA and per-update schedule (fp16 overflow
+    steps, which the scaler skipped, count as skipped)."""
+    if not accelerator.sync_gradients:
+        return
+    if accelerator.optimizer_step_was_skipped:
+        state.skipped_total += 1  # fp16 scaler overflow: normal early in training
+        return
+    state.bad_steps = 0
+    state.num_updates += 1
+    if model_ema is not None:
+        model_ema.update(accelerator.unwrap_model(model), step=state.num_updates)
+    if lr_scheduler is not None:
+        lr_scheduler.step_update(num_updates=state.num_updates)
+
+
+def _log_step(epoch: int, step: int, n_batches: int, interval: int, result, optimizer) -> None:
+    if step % interval == 0 or step == n_batches - 1:
+        lr = optimizer.param_groups[0]["lr"]
+        _logger.info(
+            "Train: %d [%d/%d] loss %.4f ce %.4f lr %.3g",
+            epoch, step, n_batches, result["loss"].item(), result["task_loss"].item(), lr,
+        )  # fmt: skip
+
+
+def _record_interrupt(state: TrainState, step: int, tally: _EpochTally) -> None:
+    """Every rank stops after ``step``: what the checkpoint needs to continue the epoch."""
+    state.stop_requested = True
+    state.extra["interrupted"] = True
+    state.extra["interrupted_step"] = step + 1
+    state.extra["partial"] = tally.snapshot()
 
 
 def _bad_step(state: TrainState, args, epoch: int, step: int, what: str, accelerator) -> None:

@@ -681,7 +681,7 @@ def diagnose(ctx: RunContext) -> None:
     from ..doctor import Diagnosis
     from ..doctor import diagnose as run_diagnosis
     from ..doctor.diagnosis import shard_dataset
-    from ..losses.treatment import ModelDoctor, check_wrapped_model
+    from ..doctor.treatment import ModelDoctor, check_wrapped_model
     from .tables import format_diagnosis_table
 
     args, acc, data_config = ctx.args, ctx.acc, ctx.data_config

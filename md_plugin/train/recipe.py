@@ -8,8 +8,8 @@
 * ``--resplit``: random erasing on the batch with timm's clean first half (as timm's prefetcher).
 
 Model Doctor under soft targets: its channel terms need one class per sample, the *dominant*
-label (:func:`dominant_label`, the class with the largest target weight: a mixed image's own
-label when its share is >= 0.5, else its partner's).
+label (:func:`md_plugin.doctor.dominant_label`, the class with the largest target weight: a mixed
+image's own label when its share is >= 0.5, else its partner's).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from ..data.transforms import create_random_erasing
 from ..errors import ConfigError
@@ -33,24 +36,16 @@ __all__ = [
     "create_repeat_sampler",
     "BatchAugment",
     "create_batch_augment",
-    "dominant_label",
     "set_mixup_epoch",
 ]
 
 _logger = logging.getLogger("train_md")
 
 
-def dominant_label(target: torch.Tensor) -> torch.Tensor:
-    """Integer class per sample: itself for [B] labels, the argmax of [B, C] soft targets."""
-    return target.argmax(-1) if target.dim() == 2 else target
-
-
 def create_mixup(args: argparse.Namespace, num_classes: int):
     """``timm.data.Mixup`` from timm's flags, or None when mixup/cutmix is off."""
     if not mixup_active(args):
         return None
-    from timm.data import Mixup
-
     if args.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair images within a batch: --batch-size must be even, got {args.batch_size}")  # fmt: skip
     return Mixup(
@@ -75,8 +70,6 @@ def create_train_loss(args: argparse.Namespace, counts: Sequence[int]) -> nn.Mod
     timm's train.py silently trains plain CE for ``--bce-loss --smoothing 0`` without mixup;
     here that is BCE without smoothing, as asked.
     """
-    from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
-
     bce = dict(
         target_threshold=args.bce_target_thresh,
         sum_classes=args.bce_sum,
@@ -105,8 +98,6 @@ def create_repeat_sampler(args: argparse.Namespace, dataset) -> Any:
     """
     if not args.aug_repeats:
         return None
-    from timm.data.distributed_sampler import RepeatAugSampler
-
     repeats = args.aug_repeats
     repeats = int(repeats) if float(repeats).is_integer() else float(repeats)
     return RepeatAugSampler(dataset, num_replicas=1, rank=0, shuffle=True, num_repeats=repeats)
