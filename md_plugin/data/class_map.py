@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from .targets import get_targets
 
 __all__ = [
     "LabelledSubset",
@@ -74,12 +76,6 @@ class LabelledSubset(Dataset):
         return img, self.targets[i]
 
 
-def _targets(ds: Dataset) -> list[int]:
-    from .datasets import get_targets
-
-    return get_targets(ds)
-
-
 def _source_names(ds: Dataset, targets: Sequence[int]) -> list[str]:
     classes = getattr(ds, "classes", None)
     n = (max(targets) + 1) if len(targets) else 0
@@ -120,8 +116,6 @@ def load_class_map(path: str | Path, root: str | Path | None = None) -> dict[Any
             with open(p, "rb") as f:
                 raw = _NoGlobals(f).load()
         elif ext in (".yaml", ".yml"):
-            import yaml
-
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         elif ext == ".json":
             raw = json.loads(p.read_text(encoding="utf-8"))
@@ -190,7 +184,7 @@ def apply_class_map(
     """Keep only the mapped classes of ``ds`` and relabel them (timm's ``--class-map``)."""
     raw = load_class_map(class_map, root) if isinstance(class_map, (str, Path)) else class_map
     where = f"class map {class_map}" if isinstance(class_map, (str, Path)) else "class map"
-    targets = _targets(ds)
+    targets = get_targets(ds)
     names = _source_names(ds, targets)
     mapping = resolve_class_map(raw, names, where)
     k = max(mapping.values()) + 1
@@ -267,7 +261,7 @@ def apply_class_cap(ds: Dataset, caps: Mapping[int, int], seed: int = 0) -> Data
     """``ds`` with at most ``caps[c]`` images of class ``c`` (seeded); ``ds`` itself if none apply."""
     if not caps:
         return ds
-    targets = _targets(ds)
+    targets = get_targets(ds)
     keep = cap_indices(targets, caps, seed)
     if len(keep) == len(targets):
         return ds

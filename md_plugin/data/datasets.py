@@ -19,6 +19,9 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .cifar import CIFAR10, CIFAR100
+from .class_map import LabelledSubset, apply_class_cap, apply_class_map, parse_class_cap
+from .split import stratified_split
+from .targets import get_targets
 
 __all__ = [
     "create_dataset",
@@ -180,9 +183,6 @@ def create_datasets(
     the same three sets, so a later tool can rebuild the held-out images of a trained model from
     its ``args.yaml``.
     """
-    from .class_map import LabelledSubset, apply_class_cap, apply_class_map, parse_class_cap
-    from .split import stratified_split
-
     train = create_dataset(name, root, train_split, **kwargs)
     evalset = create_dataset(name, root, val_split, **kwargs)
     info: dict[str, Any] = {}
@@ -218,19 +218,6 @@ def create_datasets(
         "source_indices": val.source_indices.tolist(),
     }
     return DataSplits(train, val, evalset, info)
-
-
-def get_targets(ds: Dataset) -> list[int]:
-    """Integer labels of every item, without decoding images where the dataset allows."""
-    for attr in ("targets", "labels"):
-        t = getattr(ds, attr, None)
-        if t is not None:
-            return [int(v) for v in t]
-    reader = getattr(ds, "reader", None)
-    samples = getattr(reader, "samples", None)
-    if samples is not None:
-        return [int(s[1]) for s in samples]
-    return [int(ds[i][1]) for i in range(len(ds))]  # type: ignore[arg-type]
 
 
 def resolve_num_classes(
