@@ -53,3 +53,30 @@ def planted_data(per_class: int = 20, seed: int = 0) -> tuple[torch.Tensor, torc
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int = 16) -> list:
     return list(zip(x.split(size), y.split(size)))
+
+
+def randomise_model(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine terms and conv biases (eval mode), so a mask or an
+    affine in the wrong place would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.bias.data.copy_(0.1 * torch.randn(m.out_channels, generator=g))
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+def random_masks(sg, seed: int, p: float = 0.6) -> list[torch.Tensor]:
+    """One bool mask per group keeping about ``p`` of its channels (at least one)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for grp in sg.groups:
+        m = torch.rand(grp.channels, generator=g) < p
+        m[torch.randint(grp.channels, (1,), generator=g)] = True
+        out.append(m)
+    return out

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn as nn
-from splitter_helpers import PlantedNet
+from splitter_helpers import PlantedNet, random_masks, randomise_model
 
 import md_plugin  # noqa: F401  (registers the CIFAR models)
 from md_plugin.splitter import create_masked_model, create_split_graph, extract_module
@@ -24,37 +23,12 @@ FAMILIES = {
 }
 
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, and conv biases."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.bias is not None:
-            m.bias.data.copy_(0.1 * torch.randn(m.out_channels, generator=g))
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model.eval()
-
-
 def _setup(name: str):
     torch.manual_seed(0)
-    model = _randomise(FAMILIES[name]())
+    model = randomise_model(FAMILIES[name]())
     size = (3, 8, 8) if name == "planted" else (3, 32, 32)
     sg = create_split_graph(model, size)
     return model, sg, torch.randn(3, *size)
-
-
-def _masks(sg, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for grp in sg.groups:
-        m = torch.rand(grp.channels, generator=g) < 0.6
-        m[torch.randint(grp.channels, (1,), generator=g)] = True
-        out.append(m)
-    return out
 
 
 def _affine(bank: ModuleBank, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +47,7 @@ def test_bank_rows_equal_the_strong_and_the_masked_models(name):
         assert out.shape == (2, *full.shape)
         torch.testing.assert_close(out[0], full, rtol=0, atol=1e-5)
         torch.testing.assert_close(out[1], full, rtol=0, atol=1e-5)
-        per = [_masks(sg, s) for s in range(3)]
+        per = [random_masks(sg, s) for s in range(3)]
         out = bank(x, flat_masks(per))
         for i in range(3):
             torch.testing.assert_close(
@@ -93,7 +67,7 @@ def test_bank_with_all_ones_is_bitwise_the_resnet():
 def test_bank_affine_equals_the_folded_module_masked_and_extracted(name):
     model, sg, x = _setup(name)
     bank = ModuleBank(sg)
-    per = [_masks(sg, s) for s in range(2)]
+    per = [random_masks(sg, s) for s in range(2)]
     scale, shift = _affine(bank, 2, 1)
     with torch.no_grad():
         out = bank(x, flat_masks(per), scale, shift)

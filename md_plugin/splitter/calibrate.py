@@ -182,7 +182,7 @@ def learn_affine(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += float(loss)
+        running += loss.item()
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
             n = (step % every) + 1
             history.append(dict(step=step + 1, loss=running / n))
