@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .groups import SplitGraph, clone_graph_module
@@ -156,6 +157,22 @@ def create_affine_layout(sg: SplitGraph) -> AffineLayout:
     return AffineLayout(sites, entries, off, scale_free, shift_free, unit_index)
 
 
+@dataclass
+class StrongPrefix:
+    """The strong model's node values before one group's first mask site (batch B)."""
+
+    group: int
+    batch: int
+    values: dict  # fx.Node -> tensor (None where no later node reads it)
+
+    def env(self, m: int) -> dict:
+        """The values for M modules (each tensor repeated M times along the batch)."""
+        return {
+            n: (v.repeat(m, *([1] * (v.dim() - 1))) if v is not None else None)
+            for n, v in self.values.items()
+        }
+
+
 class _Context:
     """What one bank forward passes to its site ops (a plain object: not a submodule)."""
 
@@ -260,6 +277,7 @@ class ModuleBank(nn.Module):
     def __init__(self, sg: SplitGraph):
         super().__init__()
         self.layout = create_affine_layout(sg)
+        self.groups = list(sg.groups)  # the ChannelGroups (names, widths, kernels)
         self.num_groups = len(sg.groups)
         self.mask_size = sum(g.channels for g in sg.groups)
         self._ctx = _Context()
@@ -283,6 +301,9 @@ class ModuleBank(nn.Module):
         gm.graph.lint()
         gm.recompile()
         self.gm = gm.eval()
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        # per group: the position of its first site; nothing before it depends on its masks
+        self._first_site = [min(order[s] for s in g.sites) for g in sg.groups]
         self.register_buffer("unit_index", self.layout.unit_index.clone(), persistent=False)
         self.register_buffer("scale_free", self.layout.scale_free.clone(), persistent=False)
         self.register_buffer("shift_free", self.layout.shift_free.clone(), persistent=False)
@@ -307,7 +328,15 @@ class ModuleBank(nn.Module):
         masks: torch.Tensor,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        prefix: StrongPrefix | None = None,
     ) -> torch.Tensor:
+        """Logits [M, B, N] of the M modules on ``x`` (see the class docstring).
+
+        ``prefix`` (:meth:`strong_prefix` of the same ``x``): skip the part of the network
+        before ``prefix.group``'s first mask site, taking the strong model's values there;
+        right only when every module keeps all channels of every other group before that
+        point and has no affine there (the layer-sensitivity analysis prunes one group).
+        """
         if masks.dim() != 2 or masks.shape[1] != self.mask_size:
             raise ValueError(f"masks must be [M, {self.mask_size}], got {tuple(masks.shape)}")
         m = masks.shape[0]
@@ -325,10 +354,43 @@ class ModuleBank(nn.Module):
         )
         xs = x.unsqueeze(0).expand(m, *x.shape).reshape(m * x.shape[0], *x.shape[1:])
         try:
-            out = self.gm(xs)
+            if prefix is None:
+                out = self.gm(xs)
+            else:
+                out = fx.Interpreter(self.gm).run(xs, initial_env=prefix.env(m))
         finally:
             ctx.mask = ctx.scale = ctx.shift = None
         return out.reshape(m, x.shape[0], *out.shape[1:])
+
+    @torch.no_grad()
+    def strong_prefix(self, x: torch.Tensor, group: int) -> StrongPrefix | None:
+        """The strong model's values of every node before ``group``'s first mask site that a
+        later node reads, on ``x`` (for :meth:`forward`'s ``prefix``); None when one of them is
+        not a tensor (a batch size read inside forward would be wrong for M*B images)."""
+        start = self._first_site[group]
+        nodes = list(self.gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        keep = {n.name for n in nodes[:start] if any(pos[u] >= start for u in n.users)}
+        ctx = self._ctx
+        ctx.m, ctx.mask = 1, torch.ones(1, len(self.unit_index), device=x.device, dtype=x.dtype)
+        values: dict[fx.Node, torch.Tensor | None] = {}
+
+        class _Capture(fx.Interpreter):
+            def run_node(self, n: fx.Node):
+                out = super().run_node(n)
+                if n.name in keep:
+                    values[n] = out
+                return out
+
+        try:
+            interp = _Capture(self.gm)
+            interp.run(x)
+        finally:
+            ctx.mask = None
+        if any(not isinstance(v, torch.Tensor) for v in values.values()):
+            return None
+        skipped = {n: values.get(n) for n in nodes[:start]}
+        return StrongPrefix(group, x.shape[0], skipped)
 
     @torch.no_grad()
     def record_bn_statistics(

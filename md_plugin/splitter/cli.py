@@ -1,4 +1,4 @@
-"""``md-doctor split``: importance, search, modules file and table, config-driven.
+"""``md-doctor split``: importance, sensitivity, search, calibration, modules file and table.
 
     md-doctor split --model resnet20_cifar --checkpoint last.pth.tar --dataset torch/cifar10 \\
         --data-dir DATA --val-from-train 5000 --classes 0 1 2 3 4 --experiment r20
@@ -7,8 +7,14 @@
 Like ``train_md.py``: ``-c FILE.yaml`` sets defaults (keys are the flags' destination names,
 unknown keys are errors naming the closest valid one), the command line wins, bad input is one
 line. The run folder ``<--output>/<--experiment>`` gets ``args.yaml``, ``search_state.pt``
-(rewritten atomically every generation), ``modules.safetensors``, ``modules.csv`` and
-``history.csv``. An existing folder is refused unless ``--resume`` continues its search.
+(rewritten atomically every generation), ``modules.safetensors``, ``modules.csv``,
+``history.csv``, ``split.log`` and, with ``--init-ratios auto``, ``sensitivity.csv`` and
+``sensitivity.png``. An existing folder is refused unless ``--resume`` continues its search.
+
+Images: the held-out validation images (``--val-from-train``) select and measure (importance,
+sensitivity, GA fitness, ranges, accuracies); ``--calibrate bn|affine`` fits on
+``--calibrate-images`` *training* images of the split classes (the training split minus the
+held-out images).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ _NULL_VALUES = {"class_map": "", "output": "", "experiment": ""}
 
 
 def create_split_parser() -> argparse.ArgumentParser:
+    from .calibrate import CALIBRATION_MODES, CalibrationConfig
     from .search import SearchConfig
+    from .split import SensitivityConfig
 
-    d = SearchConfig()
+    d, dc, ds = SearchConfig(), CalibrationConfig(), SensitivityConfig()
     p = Parser(
         prog="md-doctor split",
         description=__doc__.split("\n\n")[0],
@@ -76,13 +84,34 @@ def create_split_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-frac", type=float, default=d.keep_frac)
     s.add_argument("--alpha", type=float, default=d.alpha)
     s.add_argument("--gamma", type=float, default=d.gamma)
-    s.add_argument("--init-ratios", type=float, nargs="+", default=list(d.ratios), metavar="R",
-                   help="keep ratios drawn at initialisation, later groups")  # fmt: skip
-    s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R",
-                   default=list(d.ratios_sensitive),
-                   help="keep ratios for the first --sensitive-fraction of the groups")  # fmt: skip
-    s.add_argument("--sensitive-fraction", type=float, default=d.sensitive_fraction)
+    s.add_argument("--init-ratios", nargs="+", default=["auto"], metavar="R",
+                   help="'auto': each group's initial keep ratios from the layer sensitivity; "
+                   f"or keep ratios for the later groups (the paper's forward-order rule, "
+                   f"e.g. {' '.join(map(str, d.ratios))})")  # fmt: skip
+    s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R", default=None,
+                   help="with numeric --init-ratios: keep ratios for the first "
+                   f"--sensitive-fraction of the groups (default {' '.join(map(str, d.ratios_sensitive))})")  # fmt: skip
+    s.add_argument("--sensitive-fraction", type=float, default=None,
+                   help=f"with numeric --init-ratios (default {d.sensitive_fraction})")  # fmt: skip
+    s.add_argument("--sensitivity-images", type=int, default=ds.images,
+                   help="--init-ratios auto: stratified held-out images the sensitivity "
+                   "analysis composes on")  # fmt: skip
+    s.add_argument("--sensitivity-tolerance", type=float, default=ds.tolerance,
+                   help="--init-ratios auto: a group starts at the smallest keep ratio whose "
+                   "composed accuracy stays within this many points of the strong model's")  # fmt: skip
     s.add_argument("--eval-mode", default=d.eval_mode, choices=["extracted", "masked"])
+    c = p.add_argument_group("module calibration (a deviation from the paper)")
+    c.add_argument("--calibrate", default=dc.mode, choices=list(CALIBRATION_MODES),
+                   help="bn: re-estimate each module's BatchNorm statistics; affine: then learn "
+                   "a per-channel scale and shift at every mask site (logit MSE to the strong "
+                   "model); both on training images, folded into the modules")  # fmt: skip
+    c.add_argument("--calibrate-images", type=int, default=dc.images,
+                   help="stratified training images of the split classes (not the held-out "
+                   "ones)")  # fmt: skip
+    c.add_argument("--calibrate-steps", type=int, default=dc.steps, help="affine: Adam steps")
+    c.add_argument("--calibrate-lr", type=float, default=dc.lr, help="affine: Adam learning rate")
+    c.add_argument("--calibrate-batch-size", type=int, default=dc.batch_size,
+                   help="affine: images per step, shared by all modules")  # fmt: skip
     o = p.add_argument_group("output")
     o.add_argument("--output", default="output/split")
     o.add_argument("--experiment", default="")
@@ -104,19 +133,66 @@ def parse_split_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | None]:
+    """``('auto', None)`` or ``('fixed', ratios)`` from ``--init-ratios`` (CLI strings or YAML
+    values); a mix, or forward-order flags with 'auto', is one line."""
+    vals = args.init_ratios if isinstance(args.init_ratios, (list, tuple)) else [args.init_ratios]
+    words = [str(v).strip().lower() for v in vals]
+    if "auto" in words:
+        if len(words) > 1:
+            raise ConfigError(
+                f"--init-ratios takes 'auto' or keep ratios, not both: {' '.join(words)}"
+            )
+        given = [f for f, v in (("--init-ratios-sensitive", args.init_ratios_sensitive),
+                                ("--sensitive-fraction", args.sensitive_fraction)) if v is not None]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} only apply to numeric --init-ratios (the forward-order "
+                "rule); with --init-ratios auto the layer sensitivity sets every group's ratios"
+            )
+        return "auto", None
+    try:
+        return "fixed", tuple(float(v) for v in vals)
+    except ValueError:
+        raise ConfigError(
+            f"--init-ratios takes 'auto' or keep ratios in (0, 1], got {' '.join(words)}"
+        ) from None
+
+
 def _search_config(args: argparse.Namespace):
     from .search import SearchConfig
 
+    d = SearchConfig()
+    _, fixed = _init_ratios(args)
+    sens = args.init_ratios_sensitive
     cfg = SearchConfig(
         generations=args.generations, population=args.population, val_images=args.val_images,
         seed=args.seed, mutation=args.mutation, parents_frac=args.parents_frac,
         keep_frac=args.keep_frac, alpha=args.alpha, gamma=args.gamma,
-        ratios_sensitive=tuple(args.init_ratios_sensitive), ratios=tuple(args.init_ratios),
-        sensitive_fraction=args.sensitive_fraction, eval_mode=args.eval_mode,
-        batch_size=args.batch_size,
+        ratios_sensitive=tuple(sens) if sens is not None else d.ratios_sensitive,
+        ratios=fixed or d.ratios,
+        sensitive_fraction=d.sensitive_fraction if args.sensitive_fraction is None else args.sensitive_fraction,
+        eval_mode=args.eval_mode, batch_size=args.batch_size,
     )  # fmt: skip
     cfg.validate()
     return cfg
+
+
+def _stage_configs(args: argparse.Namespace):
+    """(SensitivityConfig, CalibrationConfig) from the flags, validated."""
+    from .calibrate import CalibrationConfig
+    from .split import SensitivityConfig
+
+    sens = SensitivityConfig(images=args.sensitivity_images, tolerance=args.sensitivity_tolerance)
+    n = len(args.classes) if args.classes else 2
+    if _init_ratios(args)[0] == "auto":
+        sens.validate(n)
+    cal = CalibrationConfig(
+        mode=args.calibrate, images=args.calibrate_images, steps=args.calibrate_steps,
+        lr=args.calibrate_lr, batch_size=args.calibrate_batch_size, seed=args.seed,
+    )  # fmt: skip
+    cal.validate()
+    return sens, cal
 
 
 def _val_from_train(v: Any) -> int | float | None:
@@ -130,7 +206,8 @@ def _val_from_train(v: Any) -> int | float | None:
 
 
 def _data(args: argparse.Namespace):
-    """The strong model with weights, and a validation loader in its output space."""
+    """The strong model with weights, a validation loader in its output space and, for
+    ``--calibrate bn|affine``, a loader of training images of the split classes."""
     import timm
     import torch
     from timm.data import resolve_data_config
@@ -164,7 +241,38 @@ def _data(args: argparse.Namespace):
         batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
     )  # fmt: skip
     names = getattr(splits.val, "classes", None)
-    return model, loader, data_config, (list(names) if names else None)
+    train = _calibration_loader(args, splits.train, num_classes, create_eval_transform(data_config))
+    return model, loader, data_config, (list(names) if names else None), train
+
+
+def _calibration_loader(args: argparse.Namespace, train, num_classes: int, transform):
+    """A loader over a stratified, seeded ``--calibrate-images`` subset of the training split's
+    images of the split classes (eval transforms); None for ``--calibrate none``. With
+    ``--val-from-train`` the training split already lacks the held-out images."""
+    if args.calibrate == "none":
+        return None
+    import torch
+
+    from ..data.datasets import TransformedDataset, get_targets
+    from .split import stratified_subset
+
+    classes = args.classes or list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"class(es) {bad} out of range: the model has {num_classes} outputs")
+    targets = torch.tensor(get_targets(train))
+    have = [c for c in classes if (targets == c).any()]
+    if len(have) < len(classes):
+        missing = sorted(set(classes) - set(have))
+        raise ConfigError(
+            f"--calibrate {args.calibrate} needs training images of every split class; the "
+            f"training split has none of class(es) {missing} (use --calibrate none)"
+        )
+    pick = stratified_subset(targets, classes, args.calibrate_images, args.seed)
+    return torch.utils.data.DataLoader(
+        TransformedDataset(torch.utils.data.Subset(train, pick.tolist()), transform),
+        batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+    )  # fmt: skip
 
 
 def format_modules_table(mods, class_names: Sequence[str] | None = None) -> str:
@@ -197,6 +305,28 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+def _write_sensitivity(out: Path, table: dict[str, Any] | None) -> None:
+    """sensitivity.csv and sensitivity.png beside the modules file."""
+    if not table:
+        return
+    from .sensitivity import SensitivityTable, plot_sensitivity
+
+    t = SensitivityTable(**table)
+    _write_csv(out / "sensitivity.csv", t.rows())
+    plot_sensitivity(t, out / "sensitivity.png")
+
+
+def format_timings(options: dict[str, Any]) -> str:
+    """One line: each stage's seconds and the total, and the best generation."""
+    t = options.get("timings", {})
+    names = ("importance", "sensitivity", "search", "calibration", "measure")
+    parts = [f"{n} {t[f'{n}_s']:.0f} s" for n in names if f"{n}_s" in t]
+    line = f"time: {', '.join(parts)} (total {sum(t.values()):.0f} s)"
+    if "best_generation" in options:
+        line += f"; best generation {options['best_generation'] + 1}"
+    return line
+
+
 def _run_dir(args: argparse.Namespace) -> Path:
     name = args.experiment or "-".join(
         [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
@@ -220,9 +350,10 @@ def cmd_split(args: argparse.Namespace) -> Path:
     from .split import modularize
 
     cfg = _search_config(args)
+    sens, cal = _stage_configs(args)
     if not 0.0 <= args.min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
-    model, loader, data_config, names = _data(args)
+    model, loader, data_config, names, train_loader = _data(args)
     out = _run_dir(args)
     if not args.resume:
         (out / "args.yaml").write_text(yaml.safe_dump(args_to_yaml_dict(args), sort_keys=False))
@@ -236,20 +367,18 @@ def cmd_split(args: argparse.Namespace) -> Path:
     try:
         mods = modularize(
             model, loader, args.classes, cfg, min_confidence=args.min_confidence,
-            state_path=str(out / "search_state.pt"), input_size=data_config["input_size"],
+            init_ratios=_init_ratios(args)[0], sensitivity=sens, calibration=cal,
+            train_loader=train_loader, state_path=str(out / "search_state.pt"),
+            input_size=data_config["input_size"],
             progress=not args.no_progress and sys.stderr.isatty(), log=log,
         )  # fmt: skip
         mods.options["command"] = " ".join(["md-doctor", "split", *sys.argv[2:]])
         path = mods.save(out / "modules.safetensors")
         _write_csv(out / "modules.csv", mods.stats["modules"])
         _write_csv(out / "history.csv", mods.options["history"])
+        _write_sensitivity(out, mods.options.get("sensitivity"))
         log(format_modules_table(mods, names))
-        t = mods.options["timings"]
-        log(
-            f"time: importance {t['importance_s']:.0f} s, search {t['search_s']:.0f} s, "
-            f"measurement {t['measure_s']:.0f} s; best generation "
-            f"{mods.options['best_generation'] + 1}"
-        )
+        log(format_timings(mods.options))
         log(f"saved {path}")
     finally:
         log_file.close()

@@ -61,6 +61,9 @@ class SearchConfig:
     ratios_sensitive: tuple[float, ...] = (0.5, 0.6, 0.7)
     ratios: tuple[float, ...] = (0.2, 0.3, 0.4)
     sensitive_fraction: float = 0.5
+    # per-group ratio lists (``--init-ratios auto``: from the layer sensitivity); when set they
+    # replace ratios / ratios_sensitive / sensitive_fraction
+    group_ratios: tuple[tuple[float, ...], ...] | None = None
     eval_mode: str = "extracted"
     batch_size: int = 250
 
@@ -81,6 +84,11 @@ class SearchConfig:
                 and self.ratios
                 and self.ratios_sensitive,
                 "init ratios must be non-empty and in (0, 1]",
+            ),
+            (
+                self.group_ratios is None
+                or all(rs and all(0 < r <= 1 for r in rs) for rs in self.group_ratios),
+                "per-group init ratios must be non-empty and in (0, 1]",
             ),
         ]
         for ok, msg in checks:
@@ -104,15 +112,21 @@ class SearchConfig:
 
 # -- GA operators ------------------------------------------------------------------------------
 def init_population(layout: GeneLayout, cfg: SearchConfig, rng: np.random.Generator) -> np.ndarray:
-    """[P, genes] bool. Per group: r from its ratio list (early "sensitive" groups get the
-    larger list), floor(G * r) bits drawn without replacement with p_i ~ exp((G-1-i)/10)."""
+    """[P, genes] bool. Per group: r from its ratio list (``cfg.group_ratios[g]``, else the
+    larger list for the early "sensitive" groups), floor(G * r) bits drawn without replacement
+    with p_i ~ exp((G-1-i)/10)."""
     off = layout.offsets
     n_groups = len(layout.genes)
     n_sens = math.ceil(cfg.sensitive_fraction * n_groups)
+    if cfg.group_ratios is not None and len(cfg.group_ratios) != n_groups:
+        raise ConfigError(f"{len(cfg.group_ratios)} per-group ratio lists for {n_groups} groups")
     pop = np.zeros((cfg.population, layout.num_genes), dtype=bool)
     for p in range(cfg.population):
         for g, G in enumerate(layout.genes):
-            ratios = cfg.ratios_sensitive if g < n_sens else cfg.ratios
+            if cfg.group_ratios is not None:
+                ratios = cfg.group_ratios[g]
+            else:
+                ratios = cfg.ratios_sensitive if g < n_sens else cfg.ratios
             r = ratios[rng.integers(len(ratios))]
             n = int(math.floor(G * r))
             if n == 0:
@@ -214,6 +228,8 @@ def _state_signature(layout: GeneLayout, cfg: SearchConfig, classes: Sequence[in
     sig.pop("batch_size")
     sig["ratios"] = list(cfg.ratios)
     sig["ratios_sensitive"] = list(cfg.ratios_sensitive)
+    if cfg.group_ratios is not None:
+        sig["group_ratios"] = [list(r) for r in cfg.group_ratios]
     sig["genes"] = list(layout.genes)
     sig["classes"] = list(classes)
     return sig

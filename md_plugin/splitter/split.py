@@ -1,4 +1,12 @@
-"""``modularize``: importance, search and measurement in one call (the Python API)."""
+"""``modularize``: importance, layer sensitivity, search, calibration and measurement in one
+call (the Python API).
+
+Images: the held-out (validation) images of the split classes give the importance, the layer
+sensitivity (a stratified subset), the GA's fitness (another stratified subset), the own-logit
+ranges and every reported accuracy; they are the only images that select anything. Module
+calibration (``calibration``, a deviation from the paper) fits BN statistics and per-channel
+affines on *training* images of the split classes, never on the held-out ones.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +21,48 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, MDError
-from .encoding import create_gene_layout
-from .groups import create_split_graph
+from .bank import ModuleBank
+from .calibrate import CalibrationConfig, calibrate_modules
+from .encoding import GeneLayout, create_gene_layout
+from .groups import SplitGraph, create_split_graph
 from .importance import compute_importance
 from .modules import SplitModules, create_split_modules
 from .search import ModuleEvaluator, SearchConfig, run_search
+from .sensitivity import SensitivityTable, choose_init_ratios, layer_sensitivity
 
-__all__ = ["modularize", "collect_images", "stratified_subset"]
+__all__ = [
+    "SensitivityConfig",
+    "collect_images",
+    "modularize",
+    "stratified_subset",
+]
 
 _logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class SensitivityConfig:
+    """``--init-ratios auto``: the layer sensitivity on a stratified subset of ``images``
+    held-out images, each group's initial keep ratios chosen within ``tolerance`` points of the
+    strong model (:func:`~md_plugin.splitter.sensitivity.choose_init_ratios`)."""
+
+    images: int = 100
+    tolerance: float = 2.0
+
+    def validate(self, n_classes: int) -> None:
+        if self.images < n_classes:
+            raise ConfigError(
+                f"--sensitivity-images must be at least the number of classes ({n_classes}), "
+                f"got {self.images}"
+            )
+        if self.tolerance < 0:
+            raise ConfigError(f"--sensitivity-tolerance must be >= 0, got {self.tolerance}")
+
+
 @torch.no_grad()
-def collect_images(loader: Iterable, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_images(
+    loader: Iterable, classes: Sequence[int], what: str = "validation"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``(images, labels)`` of ``classes`` from ``loader``, on the CPU."""
     cls = torch.tensor(list(classes))
     xs, ys = [], []
@@ -36,7 +73,7 @@ def collect_images(loader: Iterable, classes: Sequence[int]) -> tuple[torch.Tens
             xs.append(x[keep].cpu())
             ys.append(y[keep].cpu())
     if not xs:
-        raise MDError(f"the validation data has no image of classes {list(classes)}")
+        raise MDError(f"the {what} data has no image of classes {list(classes)}")
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -64,6 +101,55 @@ def _num_outputs(model: nn.Module, sg) -> int:
     return int(shape[1])
 
 
+def _jsonable(v: Any) -> Any:
+    """Tuples (also nested) as lists, as the artifact's JSON will hold them."""
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _check_classes(classes: Sequence[int] | None, n_out: int) -> list[int]:
+    classes = list(range(n_out)) if classes is None else [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < n_out]
+    if bad:
+        raise ConfigError(f"class(es) {bad} out of range: the model has {n_out} outputs")
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ConfigError(f"give at least two distinct classes to split, got {classes}")
+    return classes
+
+
+def _sensitivity_stage(
+    sg: SplitGraph,
+    layout: GeneLayout,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[int],
+    cfg: SearchConfig,
+    sens: SensitivityConfig,
+    device: torch.device | str,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[SearchConfig, SensitivityTable]:
+    """Layer sensitivity on a held-out subset; the GA config with per-group init ratios."""
+    sub = stratified_subset(y, classes, sens.images, cfg.seed + 1)  # not the fitness subset
+    row = {c: i for i, c in enumerate(classes)}
+    rows = torch.tensor([row[int(v)] for v in y[sub]])
+    bank = ModuleBank(sg).to(device)
+    table = layer_sensitivity(bank, layout, x[sub], rows, classes, batch_size=min(50, cfg.batch_size),
+                              log=log, progress=progress)  # fmt: skip
+    ratios = choose_init_ratios(table, sens.tolerance)
+    log(
+        "init ratios (within "
+        f"{sens.tolerance:g} points of the strong model's {table.strong_acc:.1f}%): "
+        + ", ".join(
+            f"{g.name} {'/'.join(f'{r:.1f}' for r in rs)}" for g, rs in zip(sg.groups, ratios)
+        )
+    )
+    return dataclasses.replace(cfg, group_ratios=tuple(tuple(r) for r in ratios)), table
+
+
 def modularize(
     model: nn.Module,
     loader: Iterable,
@@ -71,6 +157,10 @@ def modularize(
     config: SearchConfig | None = None,
     *,
     min_confidence: float = 0.9,
+    init_ratios: str = "auto",
+    sensitivity: SensitivityConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    train_loader: Iterable | None = None,
     state_path: str | None = None,
     progress: bool = False,
     device: torch.device | str = "cpu",
@@ -80,27 +170,43 @@ def modularize(
 ) -> SplitModules:
     """Split ``model`` into one module per class of ``classes`` (its output indices; default all).
 
-    ``loader`` yields validation ``(images, labels)`` (eval transforms, labels in the model's
-    output space; never the test set). Its images of ``classes`` are held in memory: all of
-    them give the importance, the (min, max) ranges and the reported accuracies; a stratified
-    ``config.val_images`` subset is the GA's fitness set. ``overrides`` set
-    :class:`SearchConfig` fields (``generations=10``). ``state_path`` makes the search
-    resumable. Returns bound, measured :class:`SplitModules`.
+    Args:
+        model: the strong model (not changed).
+        loader: validation ``(images, labels)`` (eval transforms, labels in the model's output
+            space; never the test set). Its images of ``classes`` are held in memory: all of
+            them give the importance, the (min, max) ranges and the reported accuracies; a
+            stratified ``config.val_images`` subset is the GA's fitness set and another
+            ``sensitivity.images`` subset the layer sensitivity's.
+        config: the GA's :class:`SearchConfig`; ``overrides`` set its fields (``generations=10``).
+        init_ratios: ``"auto"`` (each group's initial keep ratios from the layer sensitivity,
+            :class:`SensitivityConfig`) or ``"fixed"`` (``config``'s forward-order lists).
+        calibration: :class:`CalibrationConfig` (default: none); ``bn``/``affine`` need
+            ``train_loader``: training images of the split classes (eval transforms).
+        state_path: makes the search resumable.
+
+    Returns:
+        Bound, calibrated, measured :class:`SplitModules`; ``options['timings']`` holds each
+        stage's seconds.
     """
     cfg = dataclasses.replace(config or SearchConfig(), **overrides)
     cfg.validate()
+    calibration = calibration or CalibrationConfig(mode="none")
+    calibration.validate()
+    sens = sensitivity or SensitivityConfig()
+    if init_ratios not in ("auto", "fixed"):
+        raise ConfigError(f"init_ratios must be 'auto' or 'fixed', got {init_ratios!r}")
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {min_confidence}")
+    if calibration.mode != "none" and train_loader is None:
+        raise ConfigError(
+            f"--calibrate {calibration.mode} needs training images of the split classes"
+        )
     log = log or _logger.info
     model = model.eval().to(device)
     sg = create_split_graph(model, input_size)
-    n_out = _num_outputs(model, sg)
-    classes = list(range(n_out)) if classes is None else [int(c) for c in classes]
-    bad = [c for c in classes if not 0 <= c < n_out]
-    if bad:
-        raise ConfigError(f"class(es) {bad} out of range: the model has {n_out} outputs")
-    if len(set(classes)) != len(classes) or len(classes) < 2:
-        raise ConfigError(f"give at least two distinct classes to split, got {classes}")
+    classes = _check_classes(classes, _num_outputs(model, sg))
+    if init_ratios == "auto":
+        sens.validate(len(classes))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     x, y = collect_images(loader, classes)
@@ -112,10 +218,17 @@ def modularize(
     timings["importance_s"] = time.perf_counter() - t0
     log(
         f"importance: {len(x)} validation images, confident per class "
-        f"{dict(zip(classes, imp.counts))}; {len(sg.groups)} channel groups"
+        f"{dict(zip(classes, imp.counts))}; {len(sg.groups)} channel groups "
+        f"({timings['importance_s']:.0f} s)"
     )
     orders = [[imp.order(i, g) for g in range(len(sg.groups))] for i in range(len(classes))]
     layout = create_gene_layout(sg.num_channels, orders)
+    table = None
+    if init_ratios == "auto":
+        t0 = time.perf_counter()
+        cfg, table = _sensitivity_stage(sg, layout, x, y, classes, cfg, sens, device, progress, log)
+        timings["sensitivity_s"] = time.perf_counter() - t0
+        log(f"sensitivity: {timings['sensitivity_s']:.0f} s")
     sub = stratified_subset(y, classes, cfg.val_images, cfg.seed)
     row = {c: i for i, c in enumerate(classes)}
     y_rows = np.array([row[int(v)] for v in y[sub]])
@@ -129,18 +242,37 @@ def modularize(
     timings["search_s"] = time.perf_counter() - t0
     opts = dict(
         source="search",
-        config={
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
-        },
+        config=_jsonable(dataclasses.asdict(cfg)),
         min_confidence=min_confidence,
         importance_counts=imp.counts,
         best_generation=result.best_generation,
         history=result.history,
         genes=layout.num_genes,
+        init_ratios=init_ratios,
     )
+    if table is not None:
+        opts["sensitivity"] = table.to_dict()
     mods = create_split_modules(model, sg, classes, result.masks, opts)
+    if calibration.mode != "none":
+        t0 = time.perf_counter()
+        xt, _ = _training_images(train_loader, classes, calibration)
+        calibrate_modules(mods, xt, calibration, log)
+        timings["calibration_s"] = time.perf_counter() - t0
+    else:
+        mods.options["calibration"] = dict(mode="none")
     t0 = time.perf_counter()
     mods.measure(list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size))), device)
     timings["measure_s"] = time.perf_counter() - t0
     mods.options["timings"] = timings
     return mods
+
+
+def _training_images(
+    loader: Iterable, classes: list[int], cfg: CalibrationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified, seeded subset of ``cfg.images`` training images of ``classes``."""
+    x, y = collect_images(loader, classes, "training")
+    if len(x) > cfg.images:
+        sub = stratified_subset(y, classes, cfg.images, cfg.seed)
+        x, y = x[sub], y[sub]
+    return x, y
