@@ -103,3 +103,13 @@ def test_class_map_and_datasets_do_not_import_each_other():
     g = _graph()
     assert "md_plugin.data.datasets" not in g["md_plugin.data.class_map"]
     assert "md_plugin.data.targets" in g["md_plugin.data.class_map"]
+
+
+def test_the_base_modules_import_no_package_above_them():
+    """config, cli_common, files, rundir, checkpoint: shared by train/, splitter/ and cli.py."""
+    g = _graph()
+    for base in ("config", "cli_common", "files", "rundir", "checkpoint"):
+        above = {m for m in g[f"md_plugin.{base}"] if m.startswith(("md_plugin.train",
+                                                                     "md_plugin.splitter",
+                                                                     "md_plugin.cli"))}  # fmt: skip
+        assert not above, (base, above)

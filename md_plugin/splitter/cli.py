@@ -21,15 +21,39 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
+import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import KwargsAction, Parser, apply_config, args_to_yaml_dict
+import torch
+import yaml
+
+from ..checkpoint import load_weights
+from ..cli_common import (
+    add_dataset_flags,
+    add_loader_flags,
+    add_model_flags,
+    check_loader_args,
+    create_eval_loader,
+    create_model,
+    eval_data_config,
+)
+from ..config import Parser, apply_config, args_to_yaml_dict
+from ..data.datasets import create_datasets, get_targets
+from ..data.transforms import create_eval_transform
 from ..errors import ConfigError, MDError
+from ..files import atomic_write, atomic_write_text
+from ..rundir import RunDirLock, prepare_run_dir
+from .calibrate import CALIBRATION_MODES, CalibrationConfig
+from .search import SearchConfig
+from .sensitivity import SensitivityTable, plot_sensitivity
+from .split import SensitivityConfig, modularize, stratified_subset
 
 __all__ = ["create_split_parser", "parse_split_args", "split_main", "format_modules_table"]
 
@@ -40,50 +64,52 @@ _NULL_VALUES = {"class_map": "", "output": "", "experiment": ""}
 
 
 def create_split_parser() -> argparse.ArgumentParser:
-    from .calibrate import CALIBRATION_MODES, CalibrationConfig
-    from .search import SearchConfig
-    from .split import SensitivityConfig
+    """The ``md-doctor split`` parser (flags = YAML keys; ``--help`` shows every default).
 
+    Returns:
+        A :class:`~md_plugin.config.Parser` (one-line errors).
+    """
     d, dc, ds = SearchConfig(), CalibrationConfig(), SensitivityConfig()
     p = Parser(
         prog="md-doctor split",
         description=__doc__.split("\n\n")[0],
         null_values=_NULL_VALUES,
     )
-    p.add_argument("-c", "--config", default="", help="YAML file of flag defaults")
+    p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of flag defaults")
     g = p.add_argument_group("strong model and data (timm / train_md.py flag names)")
-    g.add_argument("--model", default="", help="timm model name, e.g. resnet20_cifar")
-    g.add_argument("--checkpoint", default="", help="the strong model's weights")
-    g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=KwargsAction)
-    g.add_argument("--dataset", default="torch/cifar10")
-    g.add_argument("--data-dir", default=None)
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation")
+    add_model_flags(g, required=False, what="the strong model")
+    add_dataset_flags(g, default="torch/cifar10")
+    g.add_argument("--train-split", default="train", help="the strong model's training split")
+    g.add_argument(
+        "--val-split", default="validation",
+        help="the validation split when there is no --val-from-train",
+    )  # fmt: skip
     g.add_argument("--class-map", default="", help="as in train_md.py: subset/relabel classes")
     g.add_argument("--val-from-train", default=None,
                    help="hold out N images (or a fraction) of the training split as validation, "
                    "as the strong model's training run did (same --data-seed)")  # fmt: skip
-    g.add_argument("--data-seed", type=int, default=0)
-    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
-    g.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
-    g.add_argument("-j", "--workers", type=int, default=0)
+    g.add_argument("--data-seed", type=int, default=0, help="seed of --val-from-train")
+    add_loader_flags(g, batch_size=d.batch_size)
     s = p.add_argument_group("split (CNNSplitter)")
     s.add_argument("--classes", type=int, nargs="+", default=None,
                    help="model output indices to split (default: all)")  # fmt: skip
     s.add_argument("--min-confidence", type=float, default=0.9,
                    help="importance uses class-c images with softmax(c) >= this")  # fmt: skip
-    s.add_argument("--generations", type=int, default=d.generations)
-    s.add_argument("--population", type=int, default=d.population)
+    s.add_argument("--generations", type=int, default=d.generations, help="GA generations")
+    s.add_argument("--population", type=int, default=d.population, help="GA population per class")
     s.add_argument("--val-images", type=int, default=d.val_images,
                    help="stratified validation subset the GA scores on")  # fmt: skip
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--seed", type=int, default=d.seed, help="seed of the search")
     s.add_argument("--mutation", type=float, default=d.mutation,
                    help="fraction of genes reset per offspring")  # fmt: skip
-    s.add_argument("--parents-frac", type=float, default=d.parents_frac)
-    s.add_argument("--keep-frac", type=float, default=d.keep_frac)
-    s.add_argument("--alpha", type=float, default=d.alpha)
-    s.add_argument("--gamma", type=float, default=d.gamma)
+    s.add_argument("--parents-frac", type=float, default=d.parents_frac,
+                   help="fraction of the population that breeds")  # fmt: skip
+    s.add_argument("--keep-frac", type=float, default=d.keep_frac,
+                   help="fraction of the population kept as is (elitism)")  # fmt: skip
+    s.add_argument("--alpha", type=float, default=d.alpha,
+                   help="fitness weight of accuracy against kernel diversity")  # fmt: skip
+    s.add_argument("--gamma", type=float, default=d.gamma,
+                   help="accuracy target: below it the accuracy weight rises by the shortfall")  # fmt: skip
     s.add_argument("--init-ratios", nargs="+", default=["auto"], metavar="R",
                    help="'auto': each group's initial keep ratios from the layer sensitivity; "
                    f"or keep ratios for the later groups (the paper's forward-order rule, "
@@ -99,7 +125,8 @@ def create_split_parser() -> argparse.ArgumentParser:
     s.add_argument("--sensitivity-tolerance", type=float, default=ds.tolerance,
                    help="--init-ratios auto: a group starts at the smallest keep ratio whose "
                    "composed accuracy stays within this many points of the strong model's")  # fmt: skip
-    s.add_argument("--eval-mode", default=d.eval_mode, choices=["extracted", "masked"])
+    s.add_argument("--eval-mode", default=d.eval_mode, choices=["extracted", "masked"],
+                   help="score modules as extracted sub-networks or as the masked strong model")  # fmt: skip
     c = p.add_argument_group("module calibration (a deviation from the paper)")
     c.add_argument("--calibrate", default=dc.mode, choices=list(CALIBRATION_MODES),
                    help="bn: re-estimate each module's BatchNorm statistics; affine: then learn "
@@ -113,24 +140,48 @@ def create_split_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibrate-batch-size", type=int, default=dc.batch_size,
                    help="affine: images per step, shared by all modules")  # fmt: skip
     o = p.add_argument_group("output")
-    o.add_argument("--output", default="output/split")
-    o.add_argument("--experiment", default="")
+    o.add_argument("--output", default="output/split", help="root of the run folders")
+    o.add_argument("--experiment", default="",
+                   help="run folder name under --output (default: date-time and model)")  # fmt: skip
     o.add_argument("--resume", action="store_true",
                    help="continue the search saved in the run folder")  # fmt: skip
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def parse_split_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Two-stage parse: YAML defaults, then the command line (as train_md.py)."""
+    """Two-stage parse: YAML defaults, then the command line (as train_md.py).
+
+    Args:
+        argv: the arguments after ``split`` (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The namespace, with the model, the checkpoint and the loader flags checked.
+    """
     parser = create_split_parser()
     apply_config(parser, argv)
     args = parser.parse_args(argv)
     if not args.model or not args.checkpoint:
         raise ConfigError("md-doctor split needs --model and --checkpoint (the strong model)")
-    if args.batch_size < 1 or args.workers < 0:
-        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    check_loader_args(args)
+    _check_classes(args.classes)
     return args
+
+
+def _check_classes(classes: Sequence[int] | None, num_outputs: int | None = None) -> None:
+    """``--classes``: at least two, each once, each a model output (when that is known)."""
+    if classes is None:
+        return
+    twice = sorted({c for c in classes if list(classes).count(c) > 1})
+    if twice:
+        listed = ", ".join(map(str, twice))
+        raise ConfigError(f"--classes lists {listed} more than once: give each class once")
+    if len(classes) < 2:
+        raise ConfigError(f"--classes needs at least two classes to split, got {list(classes)}")
+    bad = [c for c in classes if c < 0 or (num_outputs is not None and c >= num_outputs)]
+    if bad:
+        outputs = f": the model has {num_outputs} outputs" if num_outputs is not None else ""
+        raise ConfigError(f"class(es) {bad} out of range{outputs}")
 
 
 def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | None]:
@@ -159,9 +210,7 @@ def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | Non
         ) from None
 
 
-def _search_config(args: argparse.Namespace):
-    from .search import SearchConfig
-
+def _search_config(args: argparse.Namespace) -> SearchConfig:
     d = SearchConfig()
     _, fixed = _init_ratios(args)
     sens = args.init_ratios_sensitive
@@ -178,11 +227,8 @@ def _search_config(args: argparse.Namespace):
     return cfg
 
 
-def _stage_configs(args: argparse.Namespace):
+def _stage_configs(args: argparse.Namespace) -> tuple[SensitivityConfig, CalibrationConfig]:
     """(SensitivityConfig, CalibrationConfig) from the flags, validated."""
-    from .calibrate import CalibrationConfig
-    from .split import SensitivityConfig
-
     sens = SensitivityConfig(images=args.sensitivity_images, tolerance=args.sensitivity_tolerance)
     n = len(args.classes) if args.classes else 2
     if _init_ratios(args)[0] == "auto":
@@ -208,15 +254,6 @@ def _val_from_train(v: Any) -> int | float | None:
 def _data(args: argparse.Namespace):
     """The strong model with weights, a validation loader in its output space and, for
     ``--calibrate bn|affine``, a loader of training images of the split classes."""
-    import timm
-    import torch
-    from timm.data import resolve_data_config
-
-    from .. import models  # noqa: F401
-    from ..checkpoint import load_weights
-    from ..data.datasets import TransformedDataset, create_datasets, get_targets
-    from ..data.transforms import create_eval_transform
-
     size = args.input_size[-1] if args.input_size else 32
     splits = create_datasets(
         args.dataset, args.data_dir, args.train_split, args.val_split,
@@ -230,18 +267,14 @@ def _data(args: argparse.Namespace):
             args.val_split,
         )
     num_classes = args.num_classes or (max(get_targets(splits.train)) + 1)
-    if not timm.is_model(args.model):
-        raise ConfigError(f"unknown model {args.model!r}")
-    model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
+    _check_classes(args.classes, num_classes)
+    model = create_model(args.model, num_classes, args.model_kwargs)
     load_weights(model, args.checkpoint)
-    cfg = {"input_size": tuple(args.input_size)} if args.input_size else {}
-    data_config = resolve_data_config(cfg, model=model)
-    loader = torch.utils.data.DataLoader(
-        TransformedDataset(splits.val, create_eval_transform(data_config)),
-        batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-    )  # fmt: skip
+    data_config = eval_data_config(model, args.input_size)
+    transform = create_eval_transform(data_config)
+    loader = create_eval_loader(splits.val, transform, args.batch_size, args.workers)
     names = getattr(splits.val, "classes", None)
-    train = _calibration_loader(args, splits.train, num_classes, create_eval_transform(data_config))
+    train = _calibration_loader(args, splits.train, num_classes, transform)
     return model, loader, data_config, (list(names) if names else None), train
 
 
@@ -251,11 +284,6 @@ def _calibration_loader(args: argparse.Namespace, train, num_classes: int, trans
     ``--val-from-train`` the training split already lacks the held-out images."""
     if args.calibrate == "none":
         return None
-    import torch
-
-    from ..data.datasets import TransformedDataset, get_targets
-    from .split import stratified_subset
-
     classes = args.classes or list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
@@ -269,10 +297,8 @@ def _calibration_loader(args: argparse.Namespace, train, num_classes: int, trans
             f"training split has none of class(es) {missing} (use --calibrate none)"
         )
     pick = stratified_subset(targets, classes, args.calibrate_images, args.seed)
-    return torch.utils.data.DataLoader(
-        TransformedDataset(torch.utils.data.Subset(train, pick.tolist()), transform),
-        batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-    )  # fmt: skip
+    subset = torch.utils.data.Subset(train, pick.tolist())
+    return create_eval_loader(subset, transform, args.batch_size, args.workers)
 
 
 def format_modules_table(mods, class_names: Sequence[str] | None = None) -> str:
@@ -297,23 +323,23 @@ def format_modules_table(mods, class_names: Sequence[str] | None = None) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A CSV table, written atomically (a full disk leaves no torn file)."""
     if not rows:
         return
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _write_sensitivity(out: Path, table: dict[str, Any] | None) -> None:
     """sensitivity.csv and sensitivity.png beside the modules file."""
     if not table:
         return
-    from .sensitivity import SensitivityTable, plot_sensitivity
-
     t = SensitivityTable(**table)
     _write_csv(out / "sensitivity.csv", t.rows())
-    plot_sensitivity(t, out / "sensitivity.png")
+    atomic_write(out / "sensitivity.png", lambda f: plot_sensitivity(t, f))
 
 
 def format_timings(options: dict[str, Any]) -> str:
@@ -327,68 +353,126 @@ def format_timings(options: dict[str, Any]) -> str:
     return line
 
 
+# what a split writes into its run folder; a folder holding none of the first three is not a run
+_RUN_FILES = ("search_state.pt", "modules.safetensors", "args.yaml")
+
+
 def _run_dir(args: argparse.Namespace) -> Path:
+    """``<--output>/<--experiment>`` (default name: the date-time and the model)."""
     name = args.experiment or "-".join(
         [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
     )
-    out = Path(args.output) / name
-    if args.resume:
+    return Path(args.output) / name
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse a folder that holds a run unless --resume continues it, and a --resume that finds
+    no search to continue."""
+    if resume:
         if not (out / "search_state.pt").is_file():
             raise MDError(f"--resume: no search state in {out} (pass the run's --experiment)")
-    elif out.exists():
+    elif any((out / f).exists() for f in _RUN_FILES):
         raise MDError(
             f"run folder {out} exists; pass --resume to continue its search or choose another "
             "--experiment"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+
+
+def _open_log(path: Path) -> Callable[[str], None]:
+    """A ``log(msg)`` that prints and appends to ``split.log``; a failed write is one line."""
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        try:
+            with path.open("a") as f:
+                f.write(msg + "\n")
+        except OSError as e:
+            raise MDError(f"cannot write {path}: {e.strerror or e}") from None
+
+    return log
+
+
+def _discard_unstarted(out: Path, created: bool, before: set[str]) -> None:
+    """Undo a split that failed before its search saved any state: remove the files it wrote
+    (and the folder, when it made it), so a retry of the same command is not refused."""
+    if (out / "search_state.pt").exists():
+        return  # the search ran: keep the folder for --resume
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in ("args.yaml", "split.log"):
+        if name not in before:
+            (out / name).unlink(missing_ok=True)
 
 
 def cmd_split(args: argparse.Namespace) -> Path:
-    import yaml
+    """Run ``md-doctor split``: the run folder (locked), the split, its files and table.
 
-    from .split import modularize
+    Args:
+        args: from :func:`parse_split_args`.
 
+    Returns:
+        The path of ``modules.safetensors``.
+
+    Raises:
+        MDError: one line for bad input, a busy or unwritable run folder, or a failed write; a
+            split that fails before its search saved a state leaves no files behind.
+    """
     cfg = _search_config(args)
     sens, cal = _stage_configs(args)
     if not 0.0 <= args.min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
-    model, loader, data_config, names, train_loader = _data(args)
     out = _run_dir(args)
+    _check_run_dir(out, args.resume)  # before any work
+    created = not out.exists()
+    prepare_run_dir(out)
+    with RunDirLock(out) as lock:  # a second split of this folder is refused here
+        _check_run_dir(out, args.resume)  # again: another split may have written it meanwhile
+        if lock.describe_takeover():
+            _logger.warning("%s: %s", out, lock.describe_takeover())
+        before = {p.name for p in out.iterdir()}
+        try:
+            return _split(args, out, cfg, sens, cal)
+        except BaseException:
+            _discard_unstarted(out, created, before)
+            raise
+
+
+def _split(args: argparse.Namespace, out: Path, cfg, sens, cal) -> Path:
+    """Inside the locked run folder: load, split, write the modules and tables."""
+    model, loader, data_config, names, train_loader = _data(args)
     if not args.resume:
-        (out / "args.yaml").write_text(yaml.safe_dump(args_to_yaml_dict(args), sort_keys=False))
-    log_file = (out / "split.log").open("a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
-
-    try:
-        mods = modularize(
-            model, loader, args.classes, cfg, min_confidence=args.min_confidence,
-            init_ratios=_init_ratios(args)[0], sensitivity=sens, calibration=cal,
-            train_loader=train_loader, state_path=str(out / "search_state.pt"),
-            input_size=data_config["input_size"],
-            progress=not args.no_progress and sys.stderr.isatty(), log=log,
-        )  # fmt: skip
-        mods.options["command"] = " ".join(["md-doctor", "split", *sys.argv[2:]])
-        path = mods.save(out / "modules.safetensors")
-        _write_csv(out / "modules.csv", mods.stats["modules"])
-        _write_csv(out / "history.csv", mods.options["history"])
-        _write_sensitivity(out, mods.options.get("sensitivity"))
-        log(format_modules_table(mods, names))
-        log(format_timings(mods.options))
-        log(f"saved {path}")
-    finally:
-        log_file.close()
+        atomic_write_text(
+            out / "args.yaml", yaml.safe_dump(args_to_yaml_dict(args), sort_keys=False)
+        )
+    log = _open_log(out / "split.log")
+    mods = modularize(
+        model, loader, args.classes, cfg, min_confidence=args.min_confidence,
+        init_ratios=_init_ratios(args)[0], sensitivity=sens, calibration=cal,
+        train_loader=train_loader, state_path=str(out / "search_state.pt"),
+        input_size=data_config["input_size"],
+        progress=not args.no_progress and sys.stderr.isatty(), log=log,
+    )  # fmt: skip
+    mods.options["command"] = " ".join(["md-doctor", "split", *sys.argv[2:]])
+    path = mods.save(out / "modules.safetensors")
+    _write_csv(out / "modules.csv", mods.stats["modules"])
+    _write_csv(out / "history.csv", mods.options["history"])
+    _write_sensitivity(out, mods.options.get("sensitivity"))
+    log(format_modules_table(mods, names))
+    log(format_timings(mods.options))
+    log(f"saved {path}")
     return path
 
 
 def split_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``md-doctor split`` (user errors: one line, exit 2)."""
-    import warnings
+    """Entry point of ``md-doctor split`` (user errors: one line, exit 2).
 
+    Args:
+        argv: the arguments after ``split``.
+
+    Returns:
+        The exit status: 0, or 2 after a one-line error.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         with warnings.catch_warnings():

@@ -24,11 +24,27 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, load_checkpoint_file, load_weights, state_dict_of
+from ..cli_common import (
+    add_dataset_flags,
+    add_loader_flags,
+    check_loader_args,
+    check_writable_file,
+    create_eval_loader,
+    create_model,
+    eval_data_config,
+)
 from ..config import Parser, apply_config
+from ..data.class_map import apply_class_map
+from ..data.datasets import create_dataset, create_datasets, get_class_names
+from ..data.transforms import create_eval_transform
 from ..errors import ConfigError, MDError
 from ..files import atomic_write_text
+from .groups import create_split_graph
+from .masking import create_masked_model
+from .modules import SplitModules
 from .patch import PatchedModel, evaluate_patch, own_class_range
 
 __all__ = ["create_patch_parser", "parse_patch_args", "run_patch", "load_patched", "format_table"]
@@ -43,11 +59,17 @@ def create_patch_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML config")
     g = p.add_argument_group("models")
     g.add_argument("--weak-model", required=False, default=None, help="timm name of the weak model")
-    g.add_argument("--weak-checkpoint", default=None)
-    g.add_argument("--weak-num-classes", type=int, default=None)
+    g.add_argument("--weak-checkpoint", default=None, help="weights of the weak model")
+    g.add_argument(
+        "--weak-num-classes", type=int, default=None,
+        help="the weak model's outputs (default: read from its checkpoint)",
+    )  # fmt: skip
     g.add_argument("--strong-model", default=None, help="timm name of the split (strong) model")
-    g.add_argument("--strong-checkpoint", default=None)
-    g.add_argument("--strong-num-classes", type=int, default=None)
+    g.add_argument("--strong-checkpoint", default=None, help="weights of the strong model")
+    g.add_argument(
+        "--strong-num-classes", type=int, default=None,
+        help="the strong model's outputs (default: read from its checkpoint)",
+    )  # fmt: skip
     g.add_argument(
         "--modules", default="", help="modules file from `md-doctor split` (safetensors)"
     )
@@ -56,7 +78,7 @@ def create_patch_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=False,
         help="baseline: patch with the whole strong model instead of a module (its own-class "
-        "range is measured on --range-split)",
+        "range is measured on the held-out images of --range-data)",
     )
     g.add_argument(
         "--target-class",
@@ -71,22 +93,21 @@ def create_patch_parser() -> argparse.ArgumentParser:
         help="the target class's index in the strong model's outputs (its module)",
     )
     g = p.add_argument_group("data (as in train_md.py)")
-    g.add_argument("--dataset", default="")
-    g.add_argument("--data-dir", default=None)
+    add_dataset_flags(g)
     g.add_argument("--split", default="validation", help="the evaluation split (never tuned on)")
     g.add_argument(
         "--class-map", default="", help="class map of the weak task (timm's --class-map)"
     )
-    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
-    g.add_argument("-b", "--batch-size", type=int, default=256)
-    g.add_argument("-j", "--workers", type=int, default=0)
+    add_loader_flags(g, batch_size=256)
     g = p.add_argument_group("whole-strong baseline: where its own-class range comes from")
     g.add_argument("--range-data", default="", help="args.yaml of the strong model's training run")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="save the patched model here (.pth.tar)")
     g.add_argument("--results", default="", help="write before/after metrics as JSON")
-    g.add_argument("--overwrite", action="store_true", default=False)
-    g.add_argument("--device", default="cpu")
+    g.add_argument(
+        "--overwrite", action="store_true", default=False, help="replace --out/--results"
+    )
+    g.add_argument("--device", default="cpu", help="where the evaluation runs (cpu, cuda, ...)")
     return p
 
 
@@ -112,40 +133,22 @@ def parse_patch_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "--whole-strong needs --range-data (the strong run's args.yaml: its held-out "
             "validation images give the own-class range)"
         )
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for path in (args.out, args.results):
+    check_loader_args(args)
+    for flag, path in (("--out", args.out), ("--results", args.results)):
         if path and Path(path).exists() and not args.overwrite:
             raise MDError(f"{path} exists; pass --overwrite to replace it")
+        if path:
+            check_writable_file(path, flag)  # a read-only folder: one line before any work
     return args
-
-
-def _create(name: str, num_classes: int) -> nn.Module:
-    import timm
-
-    from .. import models  # noqa: F401  (registers the CIFAR nets)
-
-    if not timm.is_model(name):
-        raise ConfigError(f"unknown model {name!r}")
-    return timm.create_model(name, num_classes=num_classes)
 
 
 def _num_classes_of(path: str) -> int:
     """Outputs of a checkpoint's classifier: the last 2-D weight's first dimension."""
-    from ..checkpoint import load_checkpoint_file, state_dict_of
-
     sd = state_dict_of(load_checkpoint_file(path))
     mats = [v for v in sd.values() if isinstance(v, torch.Tensor) and v.dim() == 2]
     if not mats:
         raise MDError(f"cannot tell the number of classes of {path}; pass --*-num-classes")
     return int(mats[-1].shape[0])
-
-
-def _data_config(model: nn.Module, input_size) -> dict[str, Any]:
-    from timm.data import resolve_data_config
-
-    cfg = {"input_size": tuple(input_size)} if input_size else {}
-    return resolve_data_config(cfg, model=model)
 
 
 def _same_input(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -158,22 +161,8 @@ def _same_input(a: dict[str, Any], b: dict[str, Any]) -> None:
         )
 
 
-def _loader(ds, transform, batch_size: int, workers: int):
-    from torch.utils.data import DataLoader
-
-    from ..data.datasets import TransformedDataset
-
-    return DataLoader(
-        TransformedDataset(ds, transform), batch_size=batch_size, shuffle=False, num_workers=workers
-    )
-
-
 def _strong_range(args, strong: nn.Module, transform) -> tuple[float, float]:
     """Own-class range of the whole strong model on its run's held-out validation images."""
-    import yaml
-
-    from ..data.datasets import create_datasets
-
     path = Path(args.range_data)
     if not path.is_file():
         raise ConfigError(f"--range-data: file not found: {path}")
@@ -190,24 +179,28 @@ def _strong_range(args, strong: nn.Module, transform) -> tuple[float, float]:
         data_seed=run.get("data_seed", 0),
     )  # fmt: skip
     return own_class_range(
-        strong, _loader(s.val, transform, args.batch_size, args.workers), args.module_class
+        strong,
+        create_eval_loader(s.val, transform, args.batch_size, args.workers),
+        args.module_class,
     )
 
 
 def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any], Any]:
     """The patched model, its description (saved with it) and the eval transform."""
-    from ..checkpoint import load_weights
-    from ..data.transforms import create_eval_transform
-
-    weak = _create(args.weak_model, args.weak_num_classes or _num_classes_of(args.weak_checkpoint))
+    weak = create_model(
+        args.weak_model, args.weak_num_classes or _num_classes_of(args.weak_checkpoint)
+    )
     load_weights(weak, args.weak_checkpoint)
-    strong = _create(
+    strong = create_model(
         args.strong_model, args.strong_num_classes or _num_classes_of(args.strong_checkpoint)
     )
     load_weights(strong, args.strong_checkpoint)
     weak.eval()
     strong.eval()
-    cfg_w, cfg_s = _data_config(weak, args.input_size), _data_config(strong, args.input_size)
+    cfg_w, cfg_s = (
+        eval_data_config(weak, args.input_size),
+        eval_data_config(strong, args.input_size),
+    )
     _same_input(cfg_w, cfg_s)
     tf = create_eval_transform(cfg_s)
     n_strong = strong.num_classes if hasattr(strong, "num_classes") else None
@@ -236,8 +229,6 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
         lo, hi = _strong_range(args, strong, tf)
         meta.update(module_kind="whole_strong", range_source=str(args.range_data))
     else:
-        from .modules import SplitModules
-
         mods = SplitModules.load(args.modules, strong, cfg_s["input_size"])
         module = mods.module(args.module_class)
         lo, hi = mods.range(args.module_class)
@@ -254,19 +245,14 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
 
 def load_patched(path: str | Path, input_size: Sequence[int] | None = None) -> PatchedModel:
     """Rebuild a patched model saved by ``md-doctor patch --out`` (weights and masks included)."""
-    from ..checkpoint import load_checkpoint_file
-
     ck = load_checkpoint_file(path)
     meta = ck.get("patch") if isinstance(ck, dict) else None
     if not isinstance(meta, dict) or "state_dict" not in ck:
         raise MDError(f"{path} is not a patched model saved by `md-doctor patch --out`")
-    weak = _create(meta["weak_model"], meta["weak_num_classes"])
-    strong = _create(meta["strong_model"], meta["strong_num_classes"])
+    weak = create_model(meta["weak_model"], meta["weak_num_classes"])
+    strong = create_model(meta["strong_model"], meta["strong_num_classes"])
     module: nn.Module = strong
     if meta["module_kind"] == "masked":
-        from .groups import create_split_graph
-        from .masking import create_masked_model
-
         module = create_masked_model(
             create_split_graph(strong, input_size or meta.get("input_size"))
         )
@@ -304,15 +290,14 @@ def format_table(result: dict[str, dict[str, Any]]) -> str:
 
 def run_patch(args: argparse.Namespace) -> dict[str, Any]:
     """Build, evaluate before/after on ``--split``, print the table, save what was asked."""
-    from ..data.class_map import apply_class_map
-    from ..data.datasets import create_dataset, get_class_names
-
     patched, meta, tf = build_patched(args)
     ds = create_dataset(args.dataset, args.data_dir, args.split, input_size=meta["input_size"][-1])
     if args.class_map:
         ds = apply_class_map(ds, args.class_map, args.data_dir)
     names = get_class_names(ds, meta["weak_num_classes"] or 0)
-    result = evaluate_patch(patched, _loader(ds, tf, args.batch_size, args.workers), args.device)
+    result = evaluate_patch(
+        patched, create_eval_loader(ds, tf, args.batch_size, args.workers), args.device
+    )
     tc = meta["target_class"]
     print(
         f"patch: weak {args.weak_model} target class {tc} ({names[tc] if tc < len(names) else tc}) "
@@ -321,15 +306,23 @@ def run_patch(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(format_table(result))
     out = {"patch": meta, "split": args.split, "classes": names, **result}
-    if args.results:
-        atomic_write_text(args.results, json.dumps(out, indent=1))
-        print(f"saved {args.results}")
-    if args.out:
+    if args.out:  # the model first: --results then records a patch that was saved
         ck = {"state_dict": patched.state_dict(), "patch": meta, "arch": "PatchedModel"}
         atomic_save(ck, args.out)
         print(f"saved {args.out} (load with md_plugin.splitter.patch_cli.load_patched)")
+    if args.results:
+        atomic_write_text(args.results, json.dumps(out, indent=1))
+        print(f"saved {args.results}")
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``md-doctor patch`` (errors propagate as ``MDError``; the caller prints).
+
+    Args:
+        argv: the arguments after ``patch``.
+
+    Returns:
+        What ``--results`` records: the patch description and the before/after metrics.
+    """
     return run_patch(parse_patch_args(argv))

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -186,8 +186,11 @@ def choose_init_ratios(
     return out
 
 
-def plot_sensitivity(table: SensitivityTable, path: str | Path) -> Path:
-    """Composed accuracy vs keep ratio, one line per group, the strong model dashed."""
+def plot_sensitivity(table: SensitivityTable, path: str | Path | BinaryIO) -> str | Path | BinaryIO:
+    """Composed accuracy vs keep ratio, one line per group, the strong model dashed.
+
+    ``path`` may be an open binary file (what :func:`md_plugin.files.atomic_write` passes).
+    """
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # the OO API renders through Agg: no backend needed
 
@@ -209,7 +212,8 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path) -> Path:
     ax.set_xlim(0.05, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2 if n > 10 else 1, loc="lower right")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, format="png")
     return path

@@ -115,8 +115,11 @@ def _check_classes(classes: Sequence[int] | None, n_out: int) -> list[int]:
     bad = [c for c in classes if not 0 <= c < n_out]
     if bad:
         raise ConfigError(f"class(es) {bad} out of range: the model has {n_out} outputs")
-    if len(set(classes)) != len(classes) or len(classes) < 2:
-        raise ConfigError(f"give at least two distinct classes to split, got {classes}")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ConfigError(f"classes {twice} are listed more than once: give each class once")
+    if len(classes) < 2:
+        raise ConfigError(f"give at least two classes to split, got {classes}")
     return classes
 
 
