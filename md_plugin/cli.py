@@ -328,10 +328,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
+    """``md-doctor patch``: the rest of the command line goes to its own two-stage parser."""
     patch_main(args.patch_args)
 
 
 def cmd_split(args: argparse.Namespace) -> None:
+    """``md-doctor split``: the rest of the command line goes to its own two-stage parser."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_split(parse_split_args(args.split_args))
 

@@ -9,7 +9,9 @@ unknown keys are errors naming the closest valid one), the command line wins, ba
 line. The run folder ``<--output>/<--experiment>`` gets ``args.yaml``, ``search_state.pt``
 (rewritten atomically every generation), ``modules.safetensors``, ``modules.csv``,
 ``history.csv``, ``split.log`` and, with ``--init-ratios auto``, ``sensitivity.csv`` and
-``sensitivity.png``. An existing folder is refused unless ``--resume`` continues its search.
+``sensitivity.png``. A folder holding a run is refused unless ``--resume`` continues its search;
+the folder is locked while a split runs (:mod:`md_plugin.rundir`), every file is written
+atomically, and a split that fails before its search saved a state removes what it wrote.
 
 Images: the held-out validation images (``--val-from-train``) select and measure (importance,
 sensitivity, GA fitness, ranges, accuracies); ``--calibrate bn|affine`` fits on
@@ -302,7 +304,15 @@ def _calibration_loader(args: argparse.Namespace, train, num_classes: int, trans
 
 
 def format_modules_table(mods, class_names: Sequence[str] | None = None) -> str:
-    """Per-module cost and accuracy, then composed vs strong accuracy."""
+    """Per-module cost and accuracy, then composed vs strong accuracy.
+
+    Args:
+        mods: measured :class:`~md_plugin.splitter.SplitModules`.
+        class_names: names by output index (default: the indices).
+
+    Returns:
+        The table as text.
+    """
     st = mods.stats
     head = f"{'class':>14} {'kernels%':>9} {'FLOPs%':>8} {'params%':>8} {'own acc%':>9} "
     head += f"{'logit min':>10} {'logit max':>10}"
@@ -343,7 +353,14 @@ def _write_sensitivity(out: Path, table: dict[str, Any] | None) -> None:
 
 
 def format_timings(options: dict[str, Any]) -> str:
-    """One line: each stage's seconds and the total, and the best generation."""
+    """One line: each stage's seconds and the total, and the best generation.
+
+    Args:
+        options: a modules file's ``options`` (``timings``, ``best_generation``).
+
+    Returns:
+        The line, e.g. ``time: importance 3 s, search 40 s (total 43 s); best generation 7``.
+    """
     t = options.get("timings", {})
     names = ("importance", "sensitivity", "search", "calibration", "measure")
     parts = [f"{n} {t[f'{n}_s']:.0f} s" for n in names if f"{n}_s" in t]

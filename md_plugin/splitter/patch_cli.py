@@ -51,6 +51,11 @@ __all__ = ["create_patch_parser", "parse_patch_args", "run_patch", "load_patched
 
 
 def create_patch_parser() -> argparse.ArgumentParser:
+    """The ``md-doctor patch`` parser (flags = YAML keys; ``--help`` shows every default).
+
+    Returns:
+        A :class:`~md_plugin.config.Parser` (one-line errors).
+    """
     p = Parser(
         prog="md-doctor patch",
         description="patch a weak model's target class with a CNNSplitter module (no training)",
@@ -112,7 +117,18 @@ def create_patch_parser() -> argparse.ArgumentParser:
 
 
 def parse_patch_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Two-stage parse (YAML defaults, then flags), then the checks train_md.py would make."""
+    """Two-stage parse (YAML defaults, then flags), then the checks train_md.py would make.
+
+    Args:
+        argv: the arguments after ``patch``.
+
+    Returns:
+        The namespace; the required models, one module source and writable outputs checked.
+
+    Raises:
+        MDError: one line for a missing or bad flag, or an output that exists or cannot be
+            written.
+    """
     parser = create_patch_parser()
     known, rest = apply_config(parser, argv)
     args = parser.parse_args(rest)
@@ -186,7 +202,14 @@ def _strong_range(args, strong: nn.Module, transform) -> tuple[float, float]:
 
 
 def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any], Any]:
-    """The patched model, its description (saved with it) and the eval transform."""
+    """The patched model, its description (saved with it) and the eval transform.
+
+    Args:
+        args: from :func:`parse_patch_args`.
+
+    Returns:
+        ``(patched model in eval mode, description dict, eval transform)``.
+    """
     weak = create_model(
         args.weak_model, args.weak_num_classes or _num_classes_of(args.weak_checkpoint)
     )
@@ -244,7 +267,15 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
 
 
 def load_patched(path: str | Path, input_size: Sequence[int] | None = None) -> PatchedModel:
-    """Rebuild a patched model saved by ``md-doctor patch --out`` (weights and masks included)."""
+    """Rebuild a patched model saved by ``md-doctor patch --out`` (weights and masks included).
+
+    Args:
+        path: the file ``--out`` wrote.
+        input_size: (C, H, W) to trace the strong model at (default: the recorded one).
+
+    Returns:
+        The :class:`PatchedModel`, in eval mode.
+    """
     ck = load_checkpoint_file(path)
     meta = ck.get("patch") if isinstance(ck, dict) else None
     if not isinstance(meta, dict) or "state_dict" not in ck:
@@ -276,7 +307,14 @@ _ROWS = [
 
 
 def format_table(result: dict[str, dict[str, Any]]) -> str:
-    """Before/after table with the change in points."""
+    """Before/after table with the change in points.
+
+    Args:
+        result: ``{"before": metrics, "after": metrics}`` as :func:`evaluate_patch` returns.
+
+    Returns:
+        The table as text, one row per metric.
+    """
     b, a = result["before"], result["after"]
     lines = [f"{'':22s} {'before':>8s} {'after':>8s} {'change':>8s}"]
     for k, label in _ROWS:
@@ -289,7 +327,15 @@ def format_table(result: dict[str, dict[str, Any]]) -> str:
 
 
 def run_patch(args: argparse.Namespace) -> dict[str, Any]:
-    """Build, evaluate before/after on ``--split``, print the table, save what was asked."""
+    """Build, evaluate before/after on ``--split``, print the table, save what was asked.
+
+    Args:
+        args: from :func:`parse_patch_args`.
+
+    Returns:
+        What ``--results`` records (written after ``--out``, so it only exists for a saved
+        patch).
+    """
     patched, meta, tf = build_patched(args)
     ds = create_dataset(args.dataset, args.data_dir, args.split, input_size=meta["input_size"][-1])
     if args.class_map:

@@ -29,6 +29,11 @@ def _float_or_none(v: str) -> float | None:
 
 
 def add_optimizer_flags(g: _Group) -> None:
+    """timm's optimizer flags: --opt, its eps/betas/kwargs, momentum, weight decay, clipping, layer decay.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument("--opt", default="sgd", help="timm optimizer name (sgd, adamw, lamb, ...)")
     g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")  # fmt: skip
     g.add_argument(
@@ -62,6 +67,11 @@ def add_optimizer_flags(g: _Group) -> None:
 
 
 def add_lr_flags(g: _Group) -> None:
+    """The learning rate and its shape: --lr/--lr-base scaling, noise, cycles, warm-up, --min-lr.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument(
         "--lr",
         type=_float_or_none,
@@ -105,6 +115,11 @@ def add_lr_flags(g: _Group) -> None:
 
 
 def add_schedule_flags(g: _Group) -> None:
+    """The schedule: --sched, --epochs and each schedule's decay/cool-down/patience.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument(
         "--sched", default="cosine",
         help="timm lr schedule: cosine, tanh, step, multistep, plateau, poly, wsd, rsqrt, "
@@ -138,6 +153,11 @@ def add_schedule_flags(g: _Group) -> None:
 
 
 def add_crop_flip_flags(g: _Group) -> None:
+    """Geometric augmentation: crop mode, crop padding, scale/ratio, flips, interpolation.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument(
         "--no-aug", action="store_true", default=False, help="no training augmentation at all"
     )
@@ -171,6 +191,11 @@ def add_crop_flip_flags(g: _Group) -> None:
 
 
 def add_colour_erase_flags(g: _Group) -> None:
+    """Photometric augmentation, auto-augment, repeated augmentation and random erasing.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument(
         "--color-jitter", type=float, default=0.4, help="colour jitter strength; null in YAML: off"
     )
@@ -207,6 +232,11 @@ def add_colour_erase_flags(g: _Group) -> None:
 
 
 def add_mixup_flags(g: _Group) -> None:
+    """Mixup/cutmix, label smoothing and timm's binary cross-entropy.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
     g.add_argument(
@@ -237,6 +267,11 @@ def add_mixup_flags(g: _Group) -> None:
 
 
 def add_loss_sampling_flags(g: _Group) -> None:
+    """The long-tail losses (--loss and their parameters), DRW and the class samplers.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument(
         "--loss",
         default="ce",
@@ -269,6 +304,11 @@ def add_loss_sampling_flags(g: _Group) -> None:
 
 
 def add_ema_flags(g: _Group) -> None:
+    """timm's model EMA.
+
+    Args:
+        g: the argument group to fill.
+    """
     g.add_argument(
         "--model-ema", action="store_true", default=False, help="keep an EMA of the weights"
     )
