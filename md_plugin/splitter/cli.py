@@ -353,18 +353,23 @@ def _write_sensitivity(out: Path, table: dict[str, Any] | None) -> None:
 
 
 def format_timings(options: dict[str, Any]) -> str:
-    """One line: each stage's seconds and the total, and the best generation.
+    """One line: each stage's wall seconds (CPU seconds of the process in brackets), the
+    total, and the best generation.
 
     Args:
         options: a modules file's ``options`` (``timings``, ``best_generation``).
 
     Returns:
-        The line, e.g. ``time: importance 3 s, search 40 s (total 43 s); best generation 7``.
+        The line, e.g. ``time: importance 3 s (3), search 40 s (21); total 43 s (24 s CPU);
+        best generation 7``.
     """
     t = options.get("timings", {})
     names = ("importance", "sensitivity", "search", "calibration", "measure")
-    parts = [f"{n} {t[f'{n}_s']:.0f} s" for n in names if f"{n}_s" in t]
-    line = f"time: {', '.join(parts)} (total {sum(t.values()):.0f} s)"
+    done = [n for n in names if f"{n}_s" in t]
+    parts = [f"{n} {t[f'{n}_s']:.0f} s ({t.get(f'{n}_cpu_s', float('nan')):.0f})" for n in done]
+    wall = sum(t[f"{n}_s"] for n in done)
+    cpu = sum(t.get(f"{n}_cpu_s", 0.0) for n in done)
+    line = f"time: {', '.join(parts)}; total {wall:.0f} s ({cpu:.0f} s CPU)"
     if "best_generation" in options:
         line += f"; best generation {options['best_generation'] + 1}"
     return line

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -192,33 +193,20 @@ def modularize(
         stage's seconds.
     """
     cfg = dataclasses.replace(config or SearchConfig(), **overrides)
-    cfg.validate()
     calibration = calibration or CalibrationConfig(mode="none")
-    calibration.validate()
     sens = sensitivity or SensitivityConfig()
-    if init_ratios not in ("auto", "fixed"):
-        raise ConfigError(f"init_ratios must be 'auto' or 'fixed', got {init_ratios!r}")
-    if not 0.0 <= min_confidence <= 1.0:
-        raise ConfigError(f"--min-confidence must be in [0, 1], got {min_confidence}")
-    if calibration.mode != "none" and train_loader is None:
-        raise ConfigError(
-            f"--calibrate {calibration.mode} needs training images of the split classes"
-        )
+    _check_settings(cfg, calibration, init_ratios, min_confidence, train_loader)
     log = log or _logger.info
     model = model.eval().to(device)
     sg = create_split_graph(model, input_size)
     classes = _check_classes(classes, _num_outputs(model, sg))
     if init_ratios == "auto":
         sens.validate(len(classes))
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    x, y = collect_images(loader, classes)
-    batches = [
-        (x[s : s + cfg.batch_size], y[s : s + cfg.batch_size])
-        for s in range(0, len(x), cfg.batch_size)
-    ]
-    imp = compute_importance(sg, batches, classes, min_confidence, device, progress)
-    timings["importance_s"] = time.perf_counter() - t0
+    timings = StageTimings()
+    with timings.stage("importance"):
+        x, y = collect_images(loader, classes)
+        batches = list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size)))
+        imp = compute_importance(sg, batches, classes, min_confidence, device, progress)
     log(
         f"importance: {len(x)} validation images, confident per class "
         f"{dict(zip(classes, imp.counts))}; {len(sg.groups)} channel groups "
@@ -228,21 +216,12 @@ def modularize(
     layout = create_gene_layout(sg.num_channels, orders)
     table = None
     if init_ratios == "auto":
-        t0 = time.perf_counter()
-        cfg, table = _sensitivity_stage(sg, layout, x, y, classes, cfg, sens, device, progress, log)
-        timings["sensitivity_s"] = time.perf_counter() - t0
+        with timings.stage("sensitivity"):
+            cfg, table = _sensitivity_stage(sg, layout, x, y, classes, cfg, sens, device,
+                                            progress, log)  # fmt: skip
         log(f"sensitivity: {timings['sensitivity_s']:.0f} s")
-    sub = stratified_subset(y, classes, cfg.val_images, cfg.seed)
-    row = {c: i for i, c in enumerate(classes)}
-    y_rows = np.array([row[int(v)] for v in y[sub]])
-    evaluator = ModuleEvaluator(sg, x[sub], classes, cfg.eval_mode, cfg.batch_size, device)
-    log(
-        f"search: {len(classes)} classes x population {cfg.population} x {cfg.generations} "
-        f"generations, {layout.num_genes} genes, {len(sub)} val images"
-    )
-    t0 = time.perf_counter()
-    result = run_search(layout, evaluator, y_rows, cfg, state_path, progress, log)
-    timings["search_s"] = time.perf_counter() - t0
+    with timings.stage("search"):
+        result = _search_stage(sg, layout, x, y, classes, cfg, state_path, device, progress, log)
     opts = dict(
         source="search",
         config=_jsonable(dataclasses.asdict(cfg)),
@@ -256,18 +235,72 @@ def modularize(
     if table is not None:
         opts["sensitivity"] = table.to_dict()
     mods = create_split_modules(model, sg, classes, result.masks, opts)
+    mods.options["calibration"] = dict(mode="none")
     if calibration.mode != "none":
-        t0 = time.perf_counter()
-        xt, _ = _training_images(train_loader, classes, calibration)
-        calibrate_modules(mods, xt, calibration, log)
-        timings["calibration_s"] = time.perf_counter() - t0
-    else:
-        mods.options["calibration"] = dict(mode="none")
-    t0 = time.perf_counter()
-    mods.measure(list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size))), device)
-    timings["measure_s"] = time.perf_counter() - t0
-    mods.options["timings"] = timings
+        with timings.stage("calibration"):
+            xt, _ = _training_images(train_loader, classes, calibration)
+            calibrate_modules(mods, xt, calibration, log)
+    with timings.stage("measure"):
+        mods.measure(batches, device)
+    mods.options["timings"] = dict(timings)
     return mods
+
+
+class StageTimings(dict):
+    """``{stage}_s`` wall seconds and ``{stage}_cpu_s`` CPU seconds of this process (all its
+    threads: with one thread, the cost on an idle core, whatever the machine's load)."""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self[f"{name}_s"] = time.perf_counter() - wall
+            self[f"{name}_cpu_s"] = time.process_time() - cpu
+
+
+def _check_settings(
+    cfg: SearchConfig,
+    calibration: CalibrationConfig,
+    init_ratios: str,
+    min_confidence: float,
+    train_loader: Iterable | None,
+) -> None:
+    cfg.validate()
+    calibration.validate()
+    if init_ratios not in ("auto", "fixed"):
+        raise ConfigError(f"init_ratios must be 'auto' or 'fixed', got {init_ratios!r}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"--min-confidence must be in [0, 1], got {min_confidence}")
+    if calibration.mode != "none" and train_loader is None:
+        raise ConfigError(
+            f"--calibrate {calibration.mode} needs training images of the split classes"
+        )
+
+
+def _search_stage(
+    sg: SplitGraph,
+    layout: GeneLayout,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[int],
+    cfg: SearchConfig,
+    state_path: str | None,
+    device: torch.device | str,
+    progress: bool,
+    log: Callable[[str], None],
+):
+    """The GA on a stratified ``cfg.val_images`` subset of the held-out images."""
+    sub = stratified_subset(y, classes, cfg.val_images, cfg.seed)
+    row = {c: i for i, c in enumerate(classes)}
+    y_rows = np.array([row[int(v)] for v in y[sub]])
+    evaluator = ModuleEvaluator(sg, x[sub], classes, cfg.eval_mode, cfg.batch_size, device)
+    log(
+        f"search: {len(classes)} classes x population {cfg.population} x {cfg.generations} "
+        f"generations, {layout.num_genes} genes, {len(sub)} val images"
+    )
+    return run_search(layout, evaluator, y_rows, cfg, state_path, progress, log)
 
 
 def _training_images(
