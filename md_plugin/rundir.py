@@ -22,10 +22,13 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import broadcast_object_list
 
 from .errors import ConfigError, MDError
 from .files import atomic_write_text
@@ -36,10 +39,17 @@ __all__ = [
     "STATE_NAME",
     "RunDirBusy",
     "RunDirLock",
+    "RunPlan",
     "advance_phase",
     "changed_settings",
+    "finished_message",
+    "is_run_dir",
+    "lock_run_dir",
+    "output_dir",
+    "plan_run",
     "prepare_run_dir",
     "read_phase",
+    "run_dir_of",
 ]
 
 LOCK_NAME = ".run.lock"
@@ -236,3 +246,119 @@ def changed_settings(run_dir: str | Path, args: Any) -> list[str]:
         if now != v:
             out.append(k)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer's run folder: where a command writes, and whether it starts, continues or stops
+# ----------------------------------------------------------------------------------------------
+DEFAULT_OUTPUT = "./output/train"
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder that a ``train_md.py`` run wrote (it has a phase file or an ``args.yaml``)."""
+    return read_phase(path) is not None or (path / "args.yaml").is_file()
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run a ``--resume`` path belongs to: a run folder itself, a checkpoint's folder, or
+    for the quickstart's ``<run>/baseline/...`` the run around the baseline."""
+    path = path.resolve()
+    folder = path if path.is_dir() else path.parent
+    if folder.name == "baseline" and read_phase(folder.parent) is not None:
+        return folder.parent
+    return folder
+
+
+def output_dir(args: Any) -> Path:
+    """The run folder of a ``train_md.py`` command (the path only; nothing is created)."""
+    if args.resume and not args.output and not args.experiment:
+        return run_dir_of(Path(args.resume))
+    root = Path(args.output or DEFAULT_OUTPUT)
+    name = args.experiment or "-".join(
+        [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
+    )
+    return root / name
+
+
+def lock_run_dir(args: Any, acc: Any = None) -> tuple[Path, RunDirLock | None]:
+    """Choose, create and lock the run folder; ``(folder, lock)``, the lock on the main process.
+
+    With several processes (``acc`` an ``accelerate.Accelerator``) the main process decides and
+    the others follow: they get its folder (a timestamp read on each rank could differ) and stop
+    with its error, so no rank waits forever for one that gave up.
+    """
+    many = acc is not None and acc.num_processes > 1
+    is_main = acc is None or acc.is_main_process
+    out, lock, err = None, None, None
+    if is_main:
+        try:
+            out = output_dir(args)
+            prepare_run_dir(out)
+            lock = RunDirLock(out).acquire()
+        except MDError as e:
+            if not many:
+                raise
+            err = str(e)
+    if many:
+        box = [err, str(out) if out is not None else None]
+        broadcast_object_list(box)
+        err, out = box[0], Path(box[1]) if box[1] is not None else None
+    if err:
+        raise MDError(err)
+    return Path(out), lock
+
+
+@dataclass
+class RunPlan:
+    """What a command does with its run folder (see :func:`plan_run`)."""
+
+    phase: str | None  # run_state.json's phase before this command; None: a new run
+    finished: bool = False  # --resume of a run that already finished: nothing to do
+    continuing: bool = False  # the same command again: it continues the unfinished run
+
+
+def plan_run(args: Any, out: Path) -> RunPlan:
+    """Fresh run, continuation of an unfinished one, or refusal; call it under the folder's lock.
+
+    The same command again continues an unfinished run (its settings must match args.yaml);
+    ``--resume`` continues from ``last.pth.tar`` (or from a run folder, or from the quickstart's
+    baseline checkpoint, which means "continue the run around it"). A finished run is refused
+    without ``--resume`` and reported as finished with it. Sets ``args.resume`` to the checkpoint
+    to load (``""``: none yet, the run starts over in its folder).
+    """
+    phase = read_phase(out)
+    last = out / "last.pth.tar"
+    if args.resume:
+        given = Path(args.resume).resolve()
+        in_baseline = given.parent.name == "baseline" and given.parent.parent == out.resolve()
+        if given.is_dir() or in_baseline:  # a run folder, or the quickstart baseline's file
+            if not last.is_file() and phase is None:
+                raise MDError(f"nothing to resume in {out}: no last.pth.tar and no run state")
+            args.resume = str(last) if last.is_file() else ""
+        return RunPlan(phase, finished=phase == "done")
+    if phase is None:
+        if (out / "summary.csv").exists():
+            raise ConfigError(
+                f"{out} already holds a run (summary.csv); resume it with --resume {last} "
+                "or choose another --experiment"
+            )
+        return RunPlan(None)
+    if phase == "done":
+        raise ConfigError(
+            f"{out} already holds a run (finished); choose another --experiment "
+            f"(--resume {out} only reports it finished)"
+        )
+    changed = changed_settings(out, args)
+    if changed:
+        raise ConfigError(
+            f"{out} holds an unfinished run with other settings ({', '.join(changed[:6])}); "
+            f"continue it with --resume {out} or choose another --experiment"
+        )
+    args.resume = str(last) if last.is_file() else ""
+    return RunPlan(phase, continuing=True)
+
+
+def finished_message(out: Path) -> str:
+    """What ``--resume`` of a finished run says."""
+    report = ", report/" if (out / "report").is_dir() else ""
+    return f"{out}: this run is already finished (summary.csv, last.pth.tar{report}); nothing to do"

@@ -346,7 +346,7 @@ def test_cifar_resnet_applies_drop_path_and_batchnorm_kwargs():
 
 def test_unknown_model_kwarg_is_refused_not_dropped():
     from md_plugin.train.args import parse_args
-    from md_plugin.train.phases import create_md_model
+    from md_plugin.train.model import create_md_model
 
     args = parse_args(["--model", "resnet20_cifar", "--model-kwargs", "widht=8"])
     with pytest.raises(ConfigError, match="unexpected keyword argument 'widht'"):

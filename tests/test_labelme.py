@@ -462,7 +462,7 @@ def test_masks_of_a_mixed_size_image_folder_are_checked_against_each_image(tmp_p
     and a mask with image #0's size given to a differently sized image is skipped."""
     from torchvision.datasets import ImageFolder
 
-    from md_plugin.train.phases import _image_hw
+    from md_plugin.train.task_phase import image_hw as _image_hw
 
     sizes = {"a.png": (8, 8), "b.png": (12, 10), "c.png": (12, 10)}  # (H, W)
     (tmp_path / "data" / "cls").mkdir(parents=True)

@@ -141,7 +141,7 @@ def test_resplit_erases_only_the_second_half():
 def test_drop_block_and_head_init_reach_the_model():
     from timm.layers import DropBlock2d
 
-    from md_plugin.train.phases import create_md_model
+    from md_plugin.train.model import create_md_model
 
     torch.manual_seed(0)
     ref = create_md_model(parse_args(["--model", "resnet18"]), 3)
@@ -157,7 +157,8 @@ def test_drop_block_and_head_init_reach_the_model():
 
 
 def test_device_flag(monkeypatch):
-    from md_plugin.train.phases import _import_device_modules, _select_device
+    from md_plugin.train.device import import_device_modules as _import_device_modules
+    from md_plugin.train.device import select_device as _select_device
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"--device cuda:1: this machine has 0 CUDA device"):

@@ -295,10 +295,10 @@ def _spy_images(monkeypatch):
     import hashlib
 
     import md_plugin.doctor as doctor_pkg
-    import md_plugin.train.phases as phases
+    from md_plugin.train import diagnose_phase, epochs
 
     seen = {"diag": [], "val": []}
-    real_diag, real_eval = doctor_pkg.diagnose, phases.evaluate
+    real_diag, real_eval = doctor_pkg.diagnose, diagnose_phase.evaluate
 
     def key(x):
         return hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest()
@@ -314,7 +314,8 @@ def _spy_images(monkeypatch):
         return real_eval(model, loader, *a, **k)
 
     monkeypatch.setattr(doctor_pkg, "diagnose", spy_diag)
-    monkeypatch.setattr(phases, "evaluate", spy_eval)
+    monkeypatch.setattr(diagnose_phase, "evaluate", spy_eval)  # the evaluation before treatment
+    monkeypatch.setattr(epochs, "evaluate", spy_eval)
     return seen
 
 

@@ -1,24 +1,43 @@
 """``train_md.py``: timm-style training on accelerate, with Model Doctor diagnosis and treatment.
 
-A run is a sequence of phases (:mod:`md_plugin.train.phases`) that hand each other one
-:class:`~md_plugin.train.context.RunContext`:
+A run is a sequence of phases that hand each other one
+:class:`~md_plugin.train.context.RunContext`, each in its own module:
 
-    build data -> (baseline run) -> build model and task -> resume -> diagnose -> train -> report
+    device.create_context         accelerator, logging, seed
+    data_phase.build_data         datasets, labels, the run folder (locked, fresh or continued)
+    train_baseline (here)         quickstart: a nested plain run makes the checkpoint to treat
+    task_phase.build_model_and_task  model, run files, loaders, optimizer, schedule, loss, EMA
+    resume_phase.resume           --resume: weights, optimizer, schedule, summary, counters
+    diagnose_phase.diagnose       --md: diagnosis and treatment losses
+    epochs.train                  epochs: train, evaluate, summary, checkpoints
+    report_phase.report           best metric, before/after, report; ends the run
 
+The baseline run is orchestrated here because it is a whole run itself (it calls :func:`main`).
 Only the main process logs and writes files.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import signal
 import sys
 from typing import Any
 
+from accelerate.utils import set_seed
+
 from ..errors import MDError
-from . import phases
+from ..rundir import advance_phase, finished_message, read_phase
 from .args import parse_args
+from .context import RunContext
+from .data_phase import build_data
+from .device import create_context
+from .diagnose_phase import diagnose
+from .epochs import train
+from .report_phase import report
+from .resume_phase import resume
+from .task_phase import build_model_and_task
 
 __all__ = ["main", "cli"]
 
@@ -44,20 +63,63 @@ def main(args: argparse.Namespace, *, _nested: bool = False) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
     """The phases, top to bottom; each reads and fills the same context."""
-    ctx = phases.create_context(args, nested)  # accelerator, logging, seed
+    ctx = create_context(args, nested)  # accelerator, logging, seed
     try:
-        phases.build_data(ctx)  # datasets, labels, output folder: locked, fresh or continued
+        build_data(ctx)  # datasets, labels, output folder: locked, fresh or continued
         if ctx.finished:  # --resume of a finished run
-            return phases.already_finished(ctx)
-        phases.train_baseline(ctx)  # --md --md-baseline-epochs: nested plain run first
-        phases.build_model_and_task(ctx)  # model, run files, loaders, optimizer, schedule, ...
-        phases.resume(ctx)  # --resume
-        phases.diagnose(ctx)  # --md: diagnosis and treatment losses
-        phases.train(ctx)  # epochs: train, evaluate, summary, checkpoints
-        return phases.report(ctx)  # best metric, before/after, report; ends the run
+            return already_finished(ctx)
+        train_baseline(ctx)  # --md --md-baseline-epochs: nested plain run first
+        build_model_and_task(ctx)  # model, run files, loaders, optimizer, schedule, ...
+        resume(ctx)  # --resume
+        diagnose(ctx)  # --md: diagnosis and treatment losses
+        train(ctx)  # epochs: train, evaluate, summary, checkpoints
+        return report(ctx)  # best metric, before/after, report; ends the run
     finally:
         if ctx.lock is not None:
             ctx.lock.release()
+
+
+def already_finished(ctx: RunContext) -> dict[str, Any]:
+    """``--resume`` of a finished run: say so and do nothing."""
+    if ctx.is_main:
+        _logger.info("%s", finished_message(ctx.out_dir))
+    if not ctx.nested:
+        ctx.acc.end_training()
+    return {"out_dir": str(ctx.out_dir), "finished": True}
+
+
+def train_baseline(ctx: RunContext) -> None:
+    """Quickstart (``--md --md-baseline-epochs N``): train, then diagnose and treat, in one command.
+
+    The baseline is a nested plain run (through :func:`main`, so it has the same signal
+    handling) in ``<output>/baseline``; its last checkpoint becomes this run's
+    ``--initial-checkpoint``.
+    """
+    args = ctx.args
+    if not (
+        args.md and args.md_baseline_epochs and not args.initial_checkpoint and not args.resume
+    ):
+        return
+    base_dir = ctx.out_dir / "baseline"
+    if read_phase(base_dir) == "done":  # finished before an interruption: reuse it
+        args.initial_checkpoint = str(base_dir / "last.pth.tar")
+        if ctx.is_main:
+            _logger.info("baseline: reusing the finished %s", args.initial_checkpoint)
+        return
+    if ctx.is_main:
+        advance_phase(ctx.out_dir, "baseline")
+    base_args = copy.deepcopy(args)
+    base_args.md = False
+    base_args.epochs = args.md_baseline_epochs
+    base_args.output = str(ctx.out_dir)
+    base_args.experiment = "baseline"
+    base_args.md_baseline_epochs = 0
+    if ctx.is_main:
+        _logger.info("== baseline: %d plain epochs before diagnosis ==", args.md_baseline_epochs)
+    ctx.acc.free_memory()
+    main(base_args, _nested=True)  # shares this process group: must not end it
+    args.initial_checkpoint = str(base_dir / "last.pth.tar")
+    set_seed(args.seed)
 
 
 def _one_line(e: BaseException) -> str:

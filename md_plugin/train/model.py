@@ -1,0 +1,75 @@
+"""The trainer's model: ``timm.create_model`` with timm ``train.py``'s model flags.
+
+Registers this package's models (CIFAR ResNets, SimCNN) by importing :mod:`md_plugin.models`,
+loads ``--initial-checkpoint``, and applies ``--head-init-*`` and ``--grad-checkpointing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import timm
+import torch
+
+from .. import models  # noqa: F401  (registers the CIFAR ResNets and SimCNN with timm)
+from ..errors import ConfigError
+from .checkpoint import load_weights
+
+__all__ = ["create_md_model"]
+
+_logger = logging.getLogger("train_md")
+
+
+def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The model of the run, with its initial weights loaded and timm's model flags applied."""
+    kwargs: dict[str, Any] = dict(
+        pretrained=args.pretrained,
+        num_classes=num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        in_chans=args.in_chans,
+    )
+    if args.pretrained_path:
+        kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if not timm.is_model(args.model):
+        near = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
+        raise ConfigError(
+            f"unknown model {args.model!r}" + (f"; similar: {', '.join(near)}" if near else "")
+        )
+    try:
+        model = timm.create_model(args.model, **kwargs, **args.model_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"cannot create {args.model}: {e}") from None
+    except RuntimeError as e:
+        raise ConfigError(f"cannot create {args.model}: {str(e).splitlines()[0]}") from None
+    if args.initial_checkpoint:
+        load_weights(model, args.initial_checkpoint)
+    _init_head(model, args)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _init_head(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """timm's ``--head-init-scale`` / ``--head-init-bias`` on the classifier (after loading)."""
+    if args.head_init_scale is None and args.head_init_bias is None:
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Linear | torch.nn.Conv2d):
+        raise ConfigError(
+            f"--head-init-scale/--head-init-bias: {args.model} has no linear classifier to scale"
+        )
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            head.weight.mul_(args.head_init_scale)
+            if head.bias is not None:
+                head.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None and head.bias is not None:
+            head.bias.fill_(args.head_init_bias)
