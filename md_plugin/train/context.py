@@ -1,8 +1,9 @@
 """What the phases of one ``train_md.py`` run hand each other.
 
-:class:`RunContext` is filled top to bottom by :mod:`md_plugin.train.phases` (data, baseline,
-model and task, resume, diagnosis, epochs, report): a phase reads the fields the earlier phases
-set and adds its own, so a new feature finds its inputs here instead of in long argument lists.
+:class:`RunContext` is filled top to bottom by the phases :mod:`md_plugin.train.main` runs
+(data, baseline, model and task, resume, diagnosis, epochs, report): a phase reads the fields the
+earlier phases set and adds its own, so a new feature finds its inputs here instead of in long
+argument lists.
 """
 
 from __future__ import annotations
