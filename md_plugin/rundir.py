@@ -270,14 +270,25 @@ def run_dir_of(path: Path) -> Path:
 
 
 def output_dir(args: Any) -> Path:
-    """The run folder of a ``train_md.py`` command (the path only; nothing is created)."""
-    if args.resume and not args.output and not args.experiment:
-        return run_dir_of(Path(args.resume))
+    """The run folder of a ``train_md.py`` command (the path only; nothing is created).
+
+    ``--output``/``--experiment`` name it. Without ``--experiment``, ``--resume`` continues in
+    the resumed run's own folder (a resume never starts a second folder; issue 19), and a fresh
+    run gets ``<output>/<date-time>-<model>``, with ``-1``, ``-2``... when that is taken.
+    """
+    if args.resume and not args.experiment:
+        run = run_dir_of(Path(args.resume))
+        if not args.output or is_run_dir(run):
+            return run
     root = Path(args.output or DEFAULT_OUTPUT)
-    name = args.experiment or "-".join(
-        [datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")]
-    )
-    return root / name
+    if args.experiment:
+        return root / args.experiment
+    name = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), args.model.replace("/", "_")])
+    path, n = root / name, 0
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{n}"
+    return path
 
 
 def lock_run_dir(args: Any, acc: Any = None) -> tuple[Path, RunDirLock | None]:
@@ -292,6 +303,8 @@ def lock_run_dir(args: Any, acc: Any = None) -> tuple[Path, RunDirLock | None]:
     out, lock, err = None, None, None
     if is_main:
         try:
+            if args.resume and not Path(args.resume).exists():
+                raise ConfigError(f"checkpoint not found: {args.resume}")
             out = output_dir(args)
             prepare_run_dir(out)
             lock = RunDirLock(out).acquire()
@@ -330,8 +343,13 @@ def plan_run(args: Any, out: Path) -> RunPlan:
     last = out / "last.pth.tar"
     if args.resume:
         given = Path(args.resume).resolve()
-        in_baseline = given.parent.name == "baseline" and given.parent.parent == out.resolve()
-        if given.is_dir() or in_baseline:  # a run folder, or the quickstart baseline's file
+        here = run_dir_of(given) == out.resolve()
+        in_baseline = here and not given.is_dir() and given.parent != out.resolve()
+        if given.is_dir() and not here:  # another run's folder: start from its last checkpoint
+            args.resume = str(given / "last.pth.tar")
+            if not (given / "last.pth.tar").is_file():
+                raise MDError(f"nothing to resume in {given}: no last.pth.tar")
+        elif given.is_dir() or in_baseline:  # this run folder, or the quickstart baseline's file
             if not last.is_file() and phase is None:
                 raise MDError(f"nothing to resume in {out}: no last.pth.tar and no run state")
             args.resume = str(last) if last.is_file() else ""

@@ -174,8 +174,8 @@ def test_signal_mid_epoch_saves_partial_checkpoint_and_resume_is_exact(data, out
     assert "Traceback" not in stderr
     errors = [ln for ln in stderr.splitlines() if ln.strip()]
     assert errors == [
-        f"error: interrupted: resumable checkpoint saved, continue with --resume "
-        f"{run / 'last.pth.tar'}"
+        "error: interrupted: resumable checkpoint saved, continue with the same command plus "
+        f"--resume {run}"
     ]
     ck = load_checkpoint_file(run / "last.pth.tar")
     assert ck["epoch"] == 1 and 0 < ck["partial_step"] < 5, (ck["epoch"], ck["partial_step"])

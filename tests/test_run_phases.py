@@ -158,7 +158,10 @@ def test_sigterm_during_the_baseline_then_resume_as_told(data, tmp_path, referen
     assert cli(argv) == 2
     run = tmp_path / "run"
     line = _one_error(capsys)
-    assert line == f"error: interrupted: resumable checkpoint saved, continue with --resume {run}"
+    assert line == (
+        "error: interrupted: resumable checkpoint saved, continue with the same command plus "
+        f"--resume {run}"
+    )
     assert _phase(run) == "baseline"
     monkeypatch.setattr(recipe, "create_loss", real)
     assert cli([*argv, "--resume", str(run)]) == 0
@@ -228,3 +231,77 @@ def test_second_run_on_the_same_folder_is_refused_while_the_first_runs(data, tmp
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     ck = load_checkpoint_file(tmp_path / "shared" / "last.pth.tar")
     assert ck["args"]["seed"] == 0 and ck["args"]["lr"] == 0.02  # the first run's, intact
+
+
+class _SignalAtCall(torch.nn.Module):
+    """Wraps the training loss; sends this process a real SIGTERM at the ``at``-th call (a
+    scheduler's preemption notice landing mid-epoch)."""
+
+    def __init__(self, inner, at: int):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, logits, target):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.inner(logits, target)
+
+
+def _no_experiment(data: Path, root: Path, *extra: str) -> list[str]:
+    argv = _argv(data, root, "-", "--no-md-report", *extra, md=False)
+    i = argv.index("--experiment")
+    return argv[:i] + argv[i + 2 :]  # a timestamped run folder under --output
+
+
+def test_sigterm_during_treatment_without_experiment_resumes_in_its_folder(
+    data, tmp_path, reference, monkeypatch, capsys
+):
+    """Issue 19 item 1: a run without --experiment (a timestamped folder), stopped by SIGTERM
+    during the treatment, continued as the error line says: it continues in THAT folder (no
+    second folder, the saved diagnosis reused) and ends bitwise equal to an uninterrupted run."""
+    from md_plugin.train import recipe
+
+    md = ["--md", "--md-per-class", "2", "--md-alpha", "0.1", "--initial-checkpoint",
+          str(reference / "baseline" / "last.pth.tar")]  # fmt: skip
+    assert cli(_no_experiment(data, tmp_path / "whole", *md)) == 0
+    [whole] = list((tmp_path / "whole").iterdir())
+
+    real = recipe.create_loss
+    monkeypatch.setattr(recipe, "create_loss", lambda *a, **k: _SignalAtCall(real(*a, **k), 3))
+    argv = _no_experiment(data, tmp_path / "cut", *md)
+    capsys.readouterr()
+    assert cli(argv) == 2
+    [run] = list((tmp_path / "cut").iterdir())
+    line = _one_error(capsys)
+    assert line == (
+        "error: interrupted: resumable checkpoint saved, continue with the same command plus "
+        f"--resume {run}"
+    )
+    assert _phase(run) == "training"
+    assert load_checkpoint_file(run / "last.pth.tar")["partial_step"] == 3
+    diagnosis = (run / "diagnosis.safetensors").read_bytes()
+    monkeypatch.setattr(recipe, "create_loss", real)
+    assert cli([*argv, *line.split("plus ", 1)[1].split()]) == 0  # exactly what the line says
+    assert list((tmp_path / "cut").iterdir()) == [run]  # no second folder
+    assert _phase(run) == "done"
+    assert (run / "diagnosis.safetensors").read_bytes() == diagnosis  # not diagnosed again
+    _same_result(run, whole)
+    # the checkpoint file instead of the folder, and the folder given as --resume: same folder
+    assert cli([*argv, "--resume", str(run / "last.pth.tar")]) == 0
+    assert "this run is already finished" in capsys.readouterr().out
+    assert list((tmp_path / "cut").iterdir()) == [run]
+
+
+def test_resume_of_a_run_folder_under_another_output_continues_that_run(
+    data, tmp_path, reference, capsys
+):
+    """``--resume <run folder>`` with an --output that does not hold it: the run folder is the
+    resumed one (it used to create a new folder and then find "nothing to resume" in it)."""
+    argv = _no_experiment(data, tmp_path / "a")
+    assert cli(argv) == 0
+    [run] = list((tmp_path / "a").iterdir())
+    capsys.readouterr()
+    assert cli([*_no_experiment(data, tmp_path / "b"), "--resume", str(run)]) == 0
+    assert "this run is already finished" in capsys.readouterr().out
+    assert not (tmp_path / "b").exists()

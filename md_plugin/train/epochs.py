@@ -25,7 +25,7 @@ from .args import args_to_yaml_dict
 from .context import RunContext, atomic_text
 from .engine import TrainingAborted, evaluate, train_one_epoch
 from .recipe import set_mixup_epoch
-from .signals import RunInterrupted, install_stop_handlers
+from .signals import RunInterrupted, continue_hint, install_stop_handlers
 
 __all__ = ["train", "save_checkpoint"]
 
@@ -136,10 +136,8 @@ def _train_epoch(ctx: RunContext, epoch: int) -> dict[str, float]:
             partial_step=state.extra.get("interrupted_step", 0),
             partial=state.extra.get("partial"),
         )
-        # the quickstart's baseline is continued through the run around it
-        where = ctx.out_dir.parent if ctx.nested else ctx.out_dir / "last.pth.tar"
         raise RunInterrupted(
-            f"interrupted: resumable checkpoint saved, continue with --resume {where}"
+            f"interrupted: resumable checkpoint saved, {continue_hint(ctx.out_dir, ctx.nested)}"
         )
     if ctx.acc.num_processes > 1 and args.dist_bn:
         distribute_bn(ctx.model, ctx.acc.num_processes, args.dist_bn == "reduce")
