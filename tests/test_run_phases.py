@@ -305,3 +305,57 @@ def test_resume_of_a_run_folder_under_another_output_continues_that_run(
     assert cli([*_no_experiment(data, tmp_path / "b"), "--resume", str(run)]) == 0
     assert "this run is already finished" in capsys.readouterr().out
     assert not (tmp_path / "b").exists()
+
+
+def test_non_finite_initial_checkpoint_is_refused_before_any_work(
+    data, tmp_path, reference, capsys
+):
+    """Issue 19 item 2: a NaN --initial-checkpoint used to be diagnosed (a diagnosis of the NaN
+    model was saved) before training failed, blaming the learning rate. Now: one line naming the
+    tensor, and no run folder at all."""
+    ck = load_checkpoint_file(reference / "baseline" / "last.pth.tar")
+    ck["state_dict"]["layer2.0.bn1.running_var"][3] = float("nan")
+    bad = tmp_path / "nan.pth.tar"
+    torch.save(ck, bad)
+    argv = _argv(data, tmp_path / "out", "nan", "--no-md-report", "--initial-checkpoint", str(bad))
+    assert cli(argv) == 2
+    line = _one_error(capsys)
+    assert line.startswith(f"error: --initial-checkpoint {bad} holds NaN/inf in ")
+    assert "layer2.0.bn1.running_var" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_initial_checkpoint_is_diagnosed_again(
+    data, tmp_path, reference, monkeypatch, capsys
+):
+    """Issue 19 item 2: an unfinished run that starts over (killed before its first checkpoint)
+    reuses its saved diagnosis only while the initial checkpoint holds the same weights; after
+    the file changes in place (e.g. mended), the same command diagnoses again."""
+    from md_plugin.checkpoint import state_dict_of, weights_hash
+    from md_plugin.doctor import Diagnosis
+    from md_plugin.train import recipe
+
+    init = tmp_path / "init.pth.tar"
+    init.write_bytes((reference / "baseline" / "last.pth.tar").read_bytes())
+    argv = _argv(data, tmp_path, "run", "--no-md-report", "--initial-checkpoint", str(init))
+    run, real = tmp_path / "run", recipe.create_loss
+
+    class Dies(torch.nn.Module):
+        def forward(self, logits, target):
+            raise KeyboardInterrupt  # killed in the first training step: no checkpoint yet
+
+    monkeypatch.setattr(recipe, "create_loss", lambda *a, **k: Dies())
+    assert cli(argv) == 130
+    assert _phase(run) == "training" and not (run / "last.pth.tar").exists()
+    first = (run / "diagnosis.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli(argv) == 130  # the same weights: the diagnosis is reused
+    assert "diagnosing again" not in capsys.readouterr().out
+    assert (run / "diagnosis.safetensors").read_bytes() == first
+
+    init.write_bytes((reference / "last.pth.tar").read_bytes())  # the file changes in place
+    monkeypatch.setattr(recipe, "create_loss", real)
+    assert cli(argv) == 0
+    assert "was made from other weights than this run starts from" in capsys.readouterr().out
+    diag = Diagnosis.load(run / "diagnosis.safetensors")
+    assert diag.fingerprint["weights"] == weights_hash(state_dict_of(load_checkpoint_file(init)))

@@ -2,7 +2,9 @@
 
 The diagnosis comes from ``--md-diagnosis`` (fitted to this run's model and options), from the
 run folder's ``diagnosis.safetensors`` when the run continues, or from diagnosing the model now.
-A signal during this phase stops the run with the resume line.
+A saved diagnosis carries the hash of the weights it was made from: a run that starts over
+from a changed checkpoint (e.g. one mended in place) diagnoses again instead of reusing a
+diagnosis of other weights. A signal during this phase stops the run with the resume line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .. import doctor
+from ..checkpoint import weights_hash
 from ..data.class_map import apply_class_map
 from ..data.datasets import TransformedDataset, create_dataset
 from ..doctor import Diagnosis
@@ -75,8 +78,18 @@ def _diagnosis(ctx: RunContext) -> Diagnosis:
     saved = ctx.out_dir / "diagnosis.safetensors"
     continuing = ctx.phase_at_start in ("training", "report")
     if (args.resume or continuing) and saved.exists():
-        return Diagnosis.load(saved)
-    diag = _run_diagnosis(ctx)
+        diag = Diagnosis.load(saved)
+        # resumed: the run's own diagnosis, of the weights its treatment started from; starting
+        # over: only a diagnosis of exactly these weights (the checkpoint may have changed)
+        if args.resume or diag.fingerprint.get("weights") == weights_hash(ctx.unwrapped):
+            return diag
+        if ctx.is_main:
+            _logger.info(
+                "%s was made from other weights than this run starts from (a changed "
+                "checkpoint?): diagnosing again",
+                saved,
+            )
+    diag = _run_diagnosis(ctx)  # records the weights' hash in its fingerprint
     if ctx.is_main:
         diag.save(saved)
     return diag

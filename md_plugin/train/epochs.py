@@ -19,9 +19,9 @@ import torch
 from accelerate.utils import set_seed
 from timm.utils import distribute_bn
 
+from ..config import args_to_yaml_dict
 from ..metrics import shot_accuracy
 from ..rundir import advance_phase
-from .args import args_to_yaml_dict
 from .context import RunContext, atomic_text
 from .engine import TrainingAborted, evaluate, train_one_epoch
 from .recipe import set_mixup_epoch

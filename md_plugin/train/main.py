@@ -35,6 +35,7 @@ from .data_phase import build_data
 from .device import create_context
 from .diagnose_phase import diagnose
 from .epochs import train
+from .model import check_initial_checkpoint
 from .report_phase import report
 from .resume_phase import resume
 from .task_phase import build_model_and_task
@@ -64,6 +65,7 @@ def main(args: argparse.Namespace, *, _nested: bool = False) -> dict[str, Any]:
 def _run(args: argparse.Namespace, nested: bool) -> dict[str, Any]:
     """The phases, top to bottom; each reads and fills the same context."""
     ctx = create_context(args, nested)  # accelerator, logging, seed
+    check_initial_checkpoint(args)  # a NaN/inf checkpoint is refused before any work
     try:
         build_data(ctx)  # datasets, labels, output folder: locked, fresh or continued
         if ctx.finished:  # --resume of a finished run

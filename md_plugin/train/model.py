@@ -1,7 +1,8 @@
 """The trainer's model: ``timm.create_model`` with timm ``train.py``'s model flags.
 
 Registers this package's models (CIFAR ResNets, SimCNN) by importing :mod:`md_plugin.models`,
-loads ``--initial-checkpoint``, and applies ``--head-init-*`` and ``--grad-checkpointing``.
+loads ``--initial-checkpoint`` (:func:`check_initial_checkpoint` refuses a non-finite one before
+any work), and applies ``--head-init-*`` and ``--grad-checkpointing``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,29 @@ import timm
 import torch
 
 from .. import models  # noqa: F401  (registers the CIFAR ResNets and SimCNN with timm)
+from ..checkpoint import load_checkpoint_file, load_weights, non_finite_tensors, state_dict_of
 from ..errors import ConfigError
-from .checkpoint import load_weights
 
-__all__ = ["create_md_model"]
+__all__ = ["check_initial_checkpoint", "create_md_model"]
 
 _logger = logging.getLogger("train_md")
+
+
+def check_initial_checkpoint(args: argparse.Namespace) -> None:
+    """Refuse an ``--initial-checkpoint`` whose weights hold NaN/inf, before any work.
+
+    A diverged checkpoint would otherwise be diagnosed (a diagnosis of noise, saved) and then
+    fail in training with a message that blames the learning rate. One line names the tensor.
+    """
+    if not args.initial_checkpoint:
+        return
+    bad = non_finite_tensors(state_dict_of(load_checkpoint_file(args.initial_checkpoint)))
+    if bad:
+        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"--initial-checkpoint {args.initial_checkpoint} holds NaN/inf in {bad[0]}{more}: a "
+            "diverged model cannot be diagnosed or trained; start from an earlier checkpoint"
+        )
 
 
 def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:

@@ -13,10 +13,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from ..checkpoint import load_weights
 from ..data.datasets import TransformedDataset
 from ..rundir import advance_phase
 from . import report_hook  # its report module (matplotlib) is imported only when a report is made
-from .checkpoint import load_weights
 from .context import RunContext, atomic_text
 from .engine import evaluate
 

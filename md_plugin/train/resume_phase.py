@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..checkpoint import load_checkpoint_file, load_weights
 from ..errors import ConfigError, MDError
-from .checkpoint import load_checkpoint_file, load_weights
 from .context import RunContext
 
 __all__ = ["resume"]

@@ -24,11 +24,11 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..annotate.mask_store import load_masks
+from ..config import args_to_yaml_dict
 from ..data.datasets import TransformedDataset
 from ..data.samplers import check_batch_size, create_sampler
 from ..data.transforms import create_eval_transform, create_train_transform, train_transform_kwargs
 from ..errors import ConfigError
-from .args import args_to_yaml_dict
 from .checkpoint import CheckpointManager
 from .context import RunContext, Summary, atomic_text
 from .engine import TrainState
