@@ -143,3 +143,37 @@ def test_simcnn_weak_registered_with_timm():
     with pytest.raises(TypeError, match="widht"):  # a misspelt kwarg is refused, not ignored
         timm.create_model("simcnn_weak", num_classes=6, widht=8)
     assert timm.create_model("simcnn_weak", num_classes=6, width=8).num_features == 32
+
+
+@pytest.mark.parametrize("double_backward", [False, True], ids=["ce", "md_gradient_term"])
+def test_cifar_resnet_grad_checkpointing_gives_the_same_gradients(double_backward):
+    """Issue 19 item 8: ``--grad-checkpointing`` on the CIFAR ResNets (it was an AttributeError).
+    Checkpointed blocks give the same loss and parameter gradients, bit for bit (drop-path's
+    randomness is replayed), also for Model Doctor's double backward through a hooked conv
+    inside a checkpointed block. (BatchNorm running statistics are updated again during the
+    recomputation, as for every timm model under ``checkpoint_seq``.)"""
+    from md_plugin.layers import FeatureCapture, resolve_layers
+
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet20_cifar", drop_path_rate=0.2)
+    ckpt = timm.create_model("resnet20_cifar", drop_path_rate=0.2)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 9])
+    losses = []
+    for m in (plain, ckpt):
+        m.train()
+        refs = resolve_layers(m, "layer3.1.conv2", (3, 32, 32))
+        with FeatureCapture(m, refs) as cap:
+            torch.manual_seed(1)
+            out = m(x)
+            loss = torch.nn.functional.cross_entropy(out, y)
+            if double_backward:
+                (a,) = cap.features()
+                g = torch.autograd.grad(out.gather(1, y[:, None]).sum(), a, create_graph=True)[0]
+                loss = loss + g.abs().sum()
+            loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(*losses)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name

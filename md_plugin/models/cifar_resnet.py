@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 __all__ = ["CifarResNet"]
 
@@ -84,6 +84,7 @@ class CifarResNet(nn.Module):
         dpr = [drop_path_rate * i / max(3 * n - 1, 1) for i in range(3 * n)]
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act1 = nn.ReLU()
@@ -118,6 +119,13 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's ``--grad-checkpointing``: recompute each residual block's activations in the
+        backward pass instead of keeping them (timm's ``checkpoint_seq``, one block a segment;
+        the stem stays outside, so a hook on a block's leaf module captures its first call)."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
@@ -129,6 +137,8 @@ class CifarResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
         x = self.layer1(x)
         x = self.layer2(x)
         return self.layer3(x)

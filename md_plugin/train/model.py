@@ -2,7 +2,10 @@
 
 Registers this package's models (CIFAR ResNets, SimCNN) by importing :mod:`md_plugin.models`,
 loads ``--initial-checkpoint`` (:func:`check_initial_checkpoint` refuses a non-finite one before
-any work), and applies ``--head-init-*`` and ``--grad-checkpointing``.
+any work), applies ``--head-init-*`` and ``--grad-checkpointing``, and passes
+``--img-size``/``--input-size`` to a model built for one input size (timm's
+``fixed_input_size``, e.g. a ViT), which would otherwise end in timm's "Input height doesn't
+match model" assertion.
 """
 
 from __future__ import annotations
@@ -13,14 +16,44 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 
 from .. import models  # noqa: F401  (registers the CIFAR ResNets and SimCNN with timm)
 from ..checkpoint import load_checkpoint_file, load_weights, non_finite_tensors, state_dict_of
 from ..errors import ConfigError
 
-__all__ = ["check_initial_checkpoint", "create_md_model"]
+__all__ = ["check_initial_checkpoint", "create_md_model", "requested_img_size"]
 
 _logger = logging.getLogger("train_md")
+
+
+def requested_img_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(height, width) asked for by ``--input-size`` or ``--img-size``, or None."""
+    if args.input_size:
+        return int(args.input_size[-2]), int(args.input_size[-1])
+    if args.img_size:
+        return int(args.img_size), int(args.img_size)
+    return None
+
+
+def _fixed_size_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``img_size`` for a model whose input size is fixed at construction, when the run asks for
+    another size and ``--model-kwargs`` does not already decide it (``img_size`` given, or
+    ``dynamic_img_size``, which makes the model accept any size)."""
+    size = requested_img_size(args)
+    if size is None or {"img_size", "dynamic_img_size"} & set(args.model_kwargs):
+        return {}
+    try:
+        cfg = get_pretrained_cfg(args.model)
+    except RuntimeError:  # an unknown pretrained tag: timm.create_model names it
+        return {}
+    if cfg is None or not cfg.fixed_input_size or tuple(cfg.input_size[-2:]) == size:
+        return {}
+    _logger.info(
+        "%s is built for %dx%d inputs: creating it with img_size=%s for --img-size/--input-size",
+        args.model, cfg.input_size[-2], cfg.input_size[-1], size[0] if size[0] == size[1] else size,
+    )  # fmt: skip
+    return {"img_size": size[0] if size[0] == size[1] else size}
 
 
 def check_initial_checkpoint(args: argparse.Namespace) -> None:
@@ -61,6 +94,7 @@ def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         raise ConfigError(
             f"unknown model {args.model!r}" + (f"; similar: {', '.join(near)}" if near else "")
         )
+    kwargs.update(_fixed_size_kwargs(args))
     try:
         model = timm.create_model(args.model, **kwargs, **args.model_kwargs)
     except TypeError as e:
@@ -71,6 +105,11 @@ def create_md_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         load_weights(model, args.initial_checkpoint)
     _init_head(model, args)
     if args.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(
+                f"--grad-checkpointing: {args.model} does not support gradient checkpointing "
+                "(it has no set_grad_checkpointing); drop the flag"
+            )
         model.set_grad_checkpointing(True)
     return model
 
