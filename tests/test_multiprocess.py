@@ -3,7 +3,8 @@
 Launchers, from docs/timm-accelerate-notes §4: ``accelerate launch --cpu --num_processes 2``
 silently starts ONE process, so we use ``ACCELERATE_USE_CPU=1 torchrun --standalone`` (the
 rendezvous binds an OS-chosen free port, never the fixed 29500) and
-``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ... --main_process_port <free port>``.
+``accelerate launch --multi_gpu ... --main_process_port <free port>`` (train_md.py asks for the
+CPU itself when there is no GPU; other scripts need ``ACCELERATE_USE_CPU=1``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(
+    cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = _env() if env is None else env
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
 
@@ -87,7 +91,10 @@ def test_two_process_diagnosis_and_treatment_match_single_process(tmp_path):
 
 
 def test_train_md_two_processes_end_to_end(tmp_path):
-    """train_md.py --md under `accelerate launch` (2 CPU processes): one run, one summary."""
+    """train_md.py --md under `accelerate launch --multi_gpu` (2 CPU processes): one run, one
+    summary. Without ACCELERATE_USE_CPU=1 (issue 19 item 5): on a machine without GPUs
+    train_md.py asks accelerate for the CPU itself, where accelerate alone would start two
+    separate single-process runs."""
     from md_plugin.data.fixtures import write_cifar
 
     data = tmp_path / "data"
@@ -103,7 +110,10 @@ def test_train_md_two_processes_end_to_end(tmp_path):
         "--log-interval", "0", "--md", "--md-baseline-epochs", "1", "--md-per-class", "2",
         "--md-alpha", "0.1", "--no-md-report",
     ]  # fmt: skip
-    r = _run(cmd)
+    env = _env()
+    if not torch.cuda.is_available():
+        del env["ACCELERATE_USE_CPU"]
+    r = _run(cmd, env=env)
     out = tmp_path / "out" / "mp"
     assert "batch 8 x 2 processes" in r.stdout  # really two processes, not one
     assert r.stdout.count("Epoch 1/1 |") == 2  # baseline + treatment, logged by rank 0 only

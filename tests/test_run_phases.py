@@ -359,3 +359,33 @@ def test_a_changed_initial_checkpoint_is_diagnosed_again(
     assert "was made from other weights than this run starts from" in capsys.readouterr().out
     diag = Diagnosis.load(run / "diagnosis.safetensors")
     assert diag.fingerprint["weights"] == weights_hash(state_dict_of(load_checkpoint_file(init)))
+
+
+def test_sigterm_during_the_diagnosis_stops_with_the_resume_line(
+    data, tmp_path, reference, monkeypatch, capsys
+):
+    """Issue 19 item 5: a SIGTERM during the diagnosis killed the process at once (exit -15, no
+    message). It is now honoured like in the other phases: one line, and the run continued as
+    it says ends exactly like the uninterrupted one."""
+    from md_plugin import doctor
+
+    real = doctor.diagnose
+
+    def preempted(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered inside the diagnosis
+        return real(*a, **k)
+
+    monkeypatch.setattr(doctor, "diagnose", preempted)
+    argv = _argv(data, tmp_path, "run", "--no-md-report")
+    assert cli(argv) == 2
+    run = tmp_path / "run"
+    assert _one_error(capsys) == (
+        f"error: interrupted during the diagnosis (signal {int(signal.SIGTERM)}), which is redone "
+        f"when the run continues; continue with the same command plus --resume {run}"
+    )
+    assert _phase(run) == "diagnosis" and not (run / "diagnosis.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
+    monkeypatch.setattr(doctor, "diagnose", real)
+    assert cli([*argv, "--resume", str(run)]) == 0
+    assert _phase(run) == "done"
+    _same_result(run, reference)

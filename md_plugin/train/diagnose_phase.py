@@ -28,6 +28,7 @@ from ..doctor.treatment import ModelDoctor, check_wrapped_model
 from ..rundir import advance_phase
 from .context import RunContext
 from .engine import evaluate
+from .signals import stop_at_once
 from .tables import format_diagnosis_table
 
 __all__ = ["diagnose"]
@@ -52,22 +53,23 @@ def diagnose(ctx: RunContext) -> None:
         )
     if ctx.is_main:
         advance_phase(ctx.out_dir, "diagnosis")
-    diag = _diagnosis(ctx)
-    if ctx.is_main:
-        _logger.info(
-            "diagnosis (%s):\n%s",
-            args.md_diagnosis or ctx.out_dir / "diagnosis.safetensors",
-            format_diagnosis_table(diag, ctx.class_names),
-        )
-    check_wrapped_model(ctx.model)
-    ctx.doctor = ModelDoctor(
-        ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
-        true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
-        loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
-        input_size=ctx.data_config["input_size"], every=args.md_every,
-    )  # fmt: skip
-    if ctx.before is None and args.md_eval_before:
-        ctx.before = _evaluate_before(ctx)
+    with stop_at_once("diagnosis", ctx.out_dir, ctx.nested):  # nothing to save midway
+        diag = _diagnosis(ctx)
+        if ctx.is_main:
+            _logger.info(
+                "diagnosis (%s):\n%s",
+                args.md_diagnosis or ctx.out_dir / "diagnosis.safetensors",
+                format_diagnosis_table(diag, ctx.class_names),
+            )
+        check_wrapped_model(ctx.model)
+        ctx.doctor = ModelDoctor(
+            ctx.unwrapped, diag, alpha=args.md_alpha, beta=args.md_beta, grad_mode=args.md_grad_mode,
+            true_term=not args.md_no_true_term, confusing_term=not args.md_no_confusing_term,
+            loss_kind=args.md_loss, monitor=args.md_monitor, num_classes=ctx.num_classes,
+            input_size=ctx.data_config["input_size"], every=args.md_every,
+        )  # fmt: skip
+        if ctx.before is None and args.md_eval_before:
+            ctx.before = _evaluate_before(ctx)
 
 
 def _diagnosis(ctx: RunContext) -> Diagnosis:
