@@ -201,19 +201,31 @@ def test_md_doctor_cli_diagnose_and_report(baseline_run, cifar10_root, tmp_path,
 
 @pytest.mark.slow
 def test_quickstart_under_accelerate_launch(tmp_path):
-    """The README's quickstart, shortened, as a single-process `accelerate launch` run."""
+    """The README's quickstart command (shortened), run twice in a row: each run gets its own
+    folder and prints the same numbers (issue 21 item 3), with no launcher warning (item 5)."""
     pytest.importorskip("sklearn")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_md.py"), "-c", str(ROOT / "configs" / "quickstart.yaml"),
-           "--epochs", "1", "--md-baseline-epochs", "1", "--output", str(tmp_path), "--no-progress"]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "Model Doctor: top1 before treatment" in p.stdout
-    run = tmp_path / "digits"
-    assert _rows(run / "summary.csv")[0]["epoch"] == "0"
-    assert (run / "baseline" / "summary.csv").exists() and (run / "report" / "report.html").exists()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")
+    }
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+           str(ROOT / "configs" / "accelerate_1proc.yaml"), str(ROOT / "train_md.py"),
+           "--config", str(ROOT / "configs" / "quickstart.yaml"), "--epochs", "1",
+           "--md-baseline-epochs", "1", "--output", str(tmp_path), "--no-progress"]  # fmt: skip
+    printed = []
+    for _ in range(2):
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "were not passed to `accelerate launch`" not in p.stderr
+        keep = ("before treatment", "*** Best metric", "Model Doctor:")  # no timings, no folder
+        printed.append([ln for ln in p.stdout.splitlines() if ln.startswith(keep)])
+    assert printed[0] == printed[1] and len(printed[0]) == 4, printed
+    runs = sorted(tmp_path.iterdir())
+    assert len(runs) == 2 and all(r.name.endswith("resnet20_cifar") for r in runs), runs
+    for run in runs:
+        assert _rows(run / "summary.csv")[0]["epoch"] == "0"
+        assert (run / "baseline" / "summary.csv").exists() and (
+            run / "report" / "report.html"
+        ).exists()
 
 
 @pytest.mark.slow
