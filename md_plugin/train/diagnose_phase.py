@@ -22,9 +22,9 @@ from ..data.class_map import apply_class_map
 from ..data.datasets import TransformedDataset, create_dataset
 from ..doctor import Diagnosis
 from ..doctor.diagnosis import model_fingerprint, shard_dataset
+from ..doctor.treatment import ModelDoctor, check_wrapped_model
 from ..errors import ConfigError, MDError
 from ..layers import resolve_layers
-from ..doctor.treatment import ModelDoctor, check_wrapped_model
 from ..rundir import advance_phase
 from .context import RunContext
 from .engine import evaluate
