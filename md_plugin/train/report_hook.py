@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data.targets import get_targets
 from ..doctor import Diagnosis
 from ..layers import resolve_layers
 from .checkpoint import load_weights
@@ -46,7 +47,8 @@ def build_report(
     summary_rows: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Figures + report.html. ``before``/``after`` hold ``per_class`` (%) and ``confusion``."""
-    from ..data.datasets import get_targets
+    # lazy: md_plugin.report imports matplotlib (about a second), which only a report needs;
+    # every train_md.py run imports this module
     from ..report import render_report, spatial_gradient_maps
 
     layers = {
