@@ -16,7 +16,7 @@ FAMILIES = {
     "resnet20_cifar": lambda: timm.create_model("resnet20_cifar", num_classes=5),
     "simcnn_cifar": lambda: timm.create_model("simcnn_cifar", num_classes=4, width_mult=1 / 16),
     "planted": PlantedNet,
-    # SE gates, hardswish, BN fused with its activation (sites that do not fold)
+    # SE gates, hardswish, timm's BatchNormAct2d (the affine goes before its activation)
     "mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
     # grouped convs: a mask entry stands for 8 channels
     "regnety_002": lambda: timm.create_model("regnety_002", num_classes=5),
@@ -136,3 +136,11 @@ def test_bad_shapes_are_refused():
         bank(x, torch.ones(2, bank.mask_size + 1))
     with pytest.raises(ValueError, match="scale must be"):
         bank(x, torch.ones(2, bank.mask_size), torch.ones(3, bank.affine_size))
+
+
+def test_a_bn_fused_with_its_activation_carries_the_affine():
+    _, sg, _ = _setup("mobilenetv3_small_050")
+    lay = create_affine_layout(sg)
+    fused = [s for s in lay.sites if s.kind == "bn_act"]
+    assert fused and all(lay.scale_free[s.affine_index].all() for s in fused)
+    assert all(lay.shift_free[s.affine_index].all() for s in fused)

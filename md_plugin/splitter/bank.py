@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .groups import SplitGraph, clone_graph_module
 
@@ -103,11 +104,10 @@ class AffineLayout:
 
 def _site_kind(m: nn.Module | None) -> str:
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        act = getattr(m, "act", None)  # timm BatchNormAct2d: the site follows its activation
-        fused = act is not None and not isinstance(act, nn.Identity)
-        if m.weight is None or m.running_var is None or fused:
+        if m.weight is None or m.running_var is None:
             return "none"
-        return "bn"
+        act = getattr(m, "act", None)  # timm BatchNormAct2d: BN, (drop,) activation in one
+        return "bn_act" if act is not None and not isinstance(act, nn.Identity) else "bn"
     if isinstance(m, nn.Conv2d):
         return "conv" if m.bias is not None else "conv_nobias"
     return "none"
@@ -144,7 +144,7 @@ def create_affine_layout(sg: SplitGraph) -> AffineLayout:
             a_idx.append(a)
             if kind != "none" and gi not in twice:
                 scale_free[a] = True
-                shift_free[a] = kind in ("bn", "conv")
+                shift_free[a] = kind in ("bn", "bn_act", "conv")
         sites.append(
             BankSite(
                 site,
@@ -195,6 +195,30 @@ def _expand(v: torch.Tensor, dims: int) -> torch.Tensor:
     return v.reshape(v.shape[0], 1, v.shape[1], *([1] * (dims - 3)))
 
 
+def _record(ctx: _Context, index: int, x: torch.Tensor) -> None:
+    """Per-module batch statistics of a BatchNorm's input (recording mode)."""
+    v = _per_module(x, ctx.m).detach().double()
+    v = v.transpose(1, 2).reshape(ctx.m, v.shape[2], -1)  # [M, C, B*H*W]
+    ctx.batch[index] = (v.mean(2), v.var(2, unbiased=False))
+    acc = ctx.sums.setdefault(index, [0.0, 0.0, 0])
+    acc[0] = acc[0] + v.sum(2)
+    acc[1] = acc[1] + (v * v).sum(2)
+    acc[2] += v.shape[2]
+
+
+def _affine(ctx: _Context, index: int, bn: nn.Module | None, idx: torch.Tensor, v: torch.Tensor):
+    """Module m's BN re-estimation (recording mode) and affine on ``v`` [M, B, C, ...]."""
+    if ctx.recording and bn is not None:
+        mean, var = ctx.batch.pop(index)
+        a, b = bn_reestimation_affine(bn, mean, var)
+        v = v * _expand(a.to(v), v.dim()) + _expand(b.to(v), v.dim())
+    if ctx.scale is not None:
+        v = v * _expand(ctx.scale[:, idx], v.dim())
+    if ctx.shift is not None:
+        v = v + _expand(ctx.shift[:, idx], v.dim())
+    return v
+
+
 class _TapOp(nn.Module):
     """Before a BatchNorm site: in recording mode, per-module batch statistics of its input."""
 
@@ -204,25 +228,41 @@ class _TapOp(nn.Module):
         object.__setattr__(self, "ctx", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ctx = self.ctx
-        if ctx.recording:
-            v = _per_module(x, ctx.m).detach().double()
-            v = v.transpose(1, 2).reshape(ctx.m, v.shape[2], -1)  # [M, C, B*H*W]
-            mean, var = v.mean(2), v.var(2, unbiased=False)
-            ctx.batch[self.index] = (mean, var)
-            acc = ctx.sums.setdefault(self.index, [0.0, 0.0, 0])
-            acc[0] = acc[0] + v.sum(2)
-            acc[1] = acc[1] + (v * v).sum(2)
-            acc[2] += v.shape[2]
+        if self.ctx.recording:
+            _record(self.ctx, self.index, x)
         return x
+
+
+class _BNActOp(nn.Module):
+    """Replaces a call of a BN fused with its activation (timm's ``BatchNormAct2d``): the
+    eval-mode BN, module m's affine (and BN re-estimation) *before* the activation, where it
+    folds into the BN's weight and bias; then the BN's drop and activation."""
+
+    def __init__(self, index: int, site: BankSite, bn: nn.Module, ctx: _Context):
+        super().__init__()
+        self.index = index
+        self.register_buffer("affine_index", site.affine_index.clone(), persistent=False)
+        object.__setattr__(self, "ctx", ctx)
+        object.__setattr__(self, "bn", bn)  # the graph's module, not a submodule of this op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx, bn = self.ctx, self.bn
+        if ctx.recording:
+            _record(ctx, self.index, x)
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        v = _affine(ctx, self.index, bn, self.affine_index, _per_module(y, ctx.m))
+        return bn.act(bn.drop(v.reshape(y.shape)))
 
 
 class _SiteOp(nn.Module):
     """After a mask site: module m's affine and mask on its slice of the batch."""
 
-    def __init__(self, index: int, site: BankSite, bn: nn.Module | None, ctx: _Context):
+    def __init__(
+        self, index: int, site: BankSite, bn: nn.Module | None, ctx: _Context, affine: bool
+    ):
         super().__init__()
         self.index = index
+        self.affine = affine  # False where the affine was applied before (a fused BN's act)
         self.register_buffer("mask_index", site.mask_index.clone(), persistent=False)
         self.register_buffer("affine_index", site.affine_index.clone(), persistent=False)
         object.__setattr__(self, "ctx", ctx)
@@ -231,14 +271,8 @@ class _SiteOp(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
         v = _per_module(y, ctx.m)
-        if ctx.recording and self.bn is not None:
-            mean, var = ctx.batch.pop(self.index)
-            a, b = bn_reestimation_affine(self.bn, mean, var)
-            v = v * _expand(a.to(v), v.dim()) + _expand(b.to(v), v.dim())
-        if ctx.scale is not None:
-            v = v * _expand(ctx.scale[:, self.affine_index], v.dim())
-        if ctx.shift is not None:
-            v = v + _expand(ctx.shift[:, self.affine_index], v.dim())
+        if self.affine:
+            v = _affine(ctx, self.index, self.bn, self.affine_index, v)
         v = v * _expand(ctx.mask[:, self.mask_index], v.dim())
         return v.reshape(y.shape)
 
@@ -286,14 +320,18 @@ class ModuleBank(nn.Module):
         by_name = {n.name: n for n in gm.graph.nodes}
         for i, site in enumerate(self.layout.sites):
             node = by_name[site.node]
-            bn = gm.get_submodule(site.target) if site.kind == "bn" else None
-            if bn is not None:
+            bn = gm.get_submodule(site.target) if site.kind in ("bn", "bn_act") else None
+            if site.kind == "bn":
                 gm.add_submodule(f"bank_tap_{i}", _TapOp(i, self._ctx))
                 src = node.args[0]
                 with gm.graph.inserting_before(node):
                     tap = gm.graph.call_module(f"bank_tap_{i}", (src,))
                 node.replace_input_with(src, tap)
-            gm.add_submodule(f"bank_site_{i}", _SiteOp(i, site, bn, self._ctx))
+            elif site.kind == "bn_act":  # the affine goes between the BN and its activation
+                gm.add_submodule(f"bank_bnact_{i}", _BNActOp(i, site, bn, self._ctx))
+                node.target = f"bank_bnact_{i}"
+            op = _SiteOp(i, site, bn, self._ctx, affine=site.kind != "bn_act")
+            gm.add_submodule(f"bank_site_{i}", op)
             with gm.graph.inserting_after(node):
                 op = gm.graph.call_module(f"bank_site_{i}", (node,))
             node.replace_all_uses_with(op)

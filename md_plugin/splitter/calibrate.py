@@ -105,7 +105,7 @@ def fold_affine(
             continue
         m = gm.get_submodule(site.target)
         s, t = s_all[site.affine_index], t_all[site.affine_index]
-        if site.kind == "bn":
+        if site.kind in ("bn", "bn_act"):  # a fused BN's affine sits before its activation
             m.weight.copy_((m.weight.double() * s).to(m.weight))
             m.bias.copy_((m.bias.double() * s + t).to(m.bias))
         else:  # conv: per output channel
@@ -217,12 +217,12 @@ def calibrate_modules(
     dev = next(mods._model.parameters()).device
     bank = ModuleBank(sg).to(dev)
     masks = mods.masks.float()
-    has_bn = any(s.kind == "bn" for s in bank.layout.sites)
+    n_bn = sum(s.kind in ("bn", "bn_act") for s in bank.layout.sites)
     t0 = time.perf_counter()
-    if has_bn:
+    if n_bn:
         scale, shift = estimate_bn_affine(bank, masks, images, max(cfg.batch_size, 100))
         log(
-            f"calibrate bn: re-estimated {sum(s.kind == 'bn' for s in bank.layout.sites)} "
+            f"calibrate bn: re-estimated {n_bn} "
             f"BatchNorm layers of {mods.num_modules} modules on {len(images)} training images "
             f"({time.perf_counter() - t0:.0f} s)"
         )
