@@ -104,7 +104,7 @@ def test_class_map_and_datasets_do_not_import_each_other():
 def test_the_base_modules_import_no_package_above_them():
     """config, cli_common, files, rundir, checkpoint: shared by train/, splitter/ and cli.py."""
     g = _graph()
-    for base in ("config", "cli_common", "files", "rundir", "checkpoint"):
+    for base in ("config", "cli_common", "files", "rundir", "checkpoint", "artifacts", "errors"):
         above = {m for m in g[f"md_plugin.{base}"] if m.startswith(("md_plugin.train",
                                                                      "md_plugin.splitter",
                                                                      "md_plugin.cli"))}  # fmt: skip
@@ -115,3 +115,21 @@ def test_the_trainer_phases_do_not_import_the_entry_point():
     """The baseline run calls main(): it is driven from main.py, so no phase imports main."""
     g = _graph()
     assert [m for m, deps in g.items() if "md_plugin.train.main" in deps] == []
+
+
+def test_the_trainer_and_the_splitter_stand_side_by_side():
+    """docs/architecture.md: train/ and splitter/ never import each other; the methods
+    (doctor/, splitter/) and the building blocks never import a command."""
+    g = _graph()
+
+    def deps(prefix: str) -> set[str]:
+        return {d for m, ds in g.items() if m.startswith(prefix) for d in ds}
+
+    assert not {d for d in deps("md_plugin.splitter") if d.startswith("md_plugin.train")}
+    assert not {d for d in deps("md_plugin.train") if d.startswith("md_plugin.splitter")}
+    commands = ("md_plugin.train", "md_plugin.cli", "md_plugin.task", "md_plugin.splitter.cli",
+                "md_plugin.splitter.patch_cli")  # fmt: skip
+    for pkg in ("md_plugin.doctor", "md_plugin.layers", "md_plugin.data", "md_plugin.losses",
+                "md_plugin.report", "md_plugin.annotate", "md_plugin.models"):  # fmt: skip
+        bad = {d for d in deps(pkg) if d.startswith(commands) and d != "md_plugin.cli_common"}
+        assert not bad, (pkg, bad)
