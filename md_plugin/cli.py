@@ -42,7 +42,7 @@ from .data.transforms import create_eval_transform
 from .doctor import Diagnosis, diagnose
 from .doctor.masks import check_mask_options
 from .doctor.sift_low import sift_low_confidence
-from .errors import ConfigError, MDError
+from .errors import ConfigError, MDError, format_warning
 from .rundir import LOCK_NAME, RunDirLock, prepare_run_dir
 from .splitter.cli import cmd_split as run_split
 from .splitter.cli import parse_split_args
@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0, or 2 after a one-line error (a bad flag included).
     """
     parser = create_parser()
+    warnings.formatwarning = format_warning  # our warnings: one line each
     try:
         args, rest = parser.parse_known_args(argv)
         if args.command == "patch":  # config-driven like train_md.py: its own two-stage parser

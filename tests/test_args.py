@@ -339,3 +339,25 @@ def test_recipe_combinations_refused_in_one_line(argv, msg):
 def test_masks_with_photometric_recipe_are_fine():
     a = parse_args(["--md", "--md-masks", "m/", "--reprob", "0.3", "--grayscale-prob", "0.2"])
     assert a.md_masks == "m/" and a.reprob == 0.3
+
+
+def test_a_warning_of_ours_prints_as_one_line(tmp_path):
+    """The CLI prints md_plugin's own warnings as one ``warning:`` line (Python prints two),
+    and leaves other packages' warnings in Python's format."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "train_md.py"), "--dataset", "torch/cifar10", "--data-dir",
+           str(tmp_path / "missing"), "--epochs", "1", "--warmup-epochs", "3", "--output",
+           str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2
+    assert lines[0].startswith("warning: --warmup-epochs 3 >= --epochs 1") and len(lines) == 2
+    assert lines[1].startswith("error: ")
+
+    from md_plugin.errors import format_warning
+
+    other = format_warning(UserWarning("x"), UserWarning, "/elsewhere/pkg/mod.py", 7, "")
+    assert other.startswith("/elsewhere/pkg/mod.py:7: UserWarning: x")

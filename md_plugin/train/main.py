@@ -23,11 +23,12 @@ import copy
 import logging
 import signal
 import sys
+import warnings
 from typing import Any
 
 from accelerate.utils import set_seed
 
-from ..errors import MDError
+from ..errors import MDError, format_warning
 from ..rundir import advance_phase, finished_message, read_phase
 from .args import parse_args
 from .context import RunContext
@@ -139,6 +140,7 @@ def _one_line(e: BaseException) -> str:
 
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; bugs keep their traceback."""
+    warnings.formatwarning = format_warning  # our warnings: one line each
     try:
         args = parse_args(argv)
         main(args)
