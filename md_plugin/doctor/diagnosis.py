@@ -199,26 +199,12 @@ def diagnose(
         MDError: One line for labels that are not class indices in range, a ``num_classes``
             that is not the model's output width, or images the model cannot take.
     """
-    if grad_mode not in GRAD_MODES:
-        raise ConfigError(f"grad mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if mask_rule not in MASK_RULES:
-        raise ConfigError(f"mask rule must be one of {MASK_RULES}, got {mask_rule!r}")
-    if per_class < 1:
-        raise ConfigError(f"images per class must be >= 1, got {per_class}")
-    if not 0.0 <= min_confidence <= 1.0:
-        raise ConfigError(f"minimum confidence must be in [0, 1], got {min_confidence}")
+    _check_options(grad_mode, mask_rule, per_class, min_confidence)
     if num_classes is None:
         num_classes = getattr(model, "num_classes", None)
         if not num_classes:
             raise ConfigError("num_classes is required for this model")
-    batches = None
-    if input_size is None:  # infer the size from the first batch (one batch, not the pass)
-        batches = iter(loader)
-        first = next(batches, None)
-        if first is not None:
-            batches = itertools.chain([first], batches)
-            if isinstance(first[0], torch.Tensor):
-                input_size = tuple(first[0].shape[1:])
+    batches, input_size = _peek_input_size(loader, input_size)
     if isinstance(layers, str) or (layers and isinstance(next(iter(layers)), str)):
         with _input_errors():  # the trace is the first forward: it meets a wrong input first
             refs = resolve_layers(model, layers, input_size=input_size)  # type: ignore[arg-type]
@@ -226,8 +212,6 @@ def diagnose(
         refs = list(layers)  # type: ignore[arg-type]
     # the mask options are used only after the whole pass: refuse bad ones before it
     check_mask_options(mask_rule, theta, topk, min(r.channels for r in refs))
-    if batches is None:
-        batches = iter(loader)
     if progress:
         total = len(loader) if hasattr(loader, "__len__") else None
         batches = tqdm(batches, desc="diagnose", leave=False, dynamic_ncols=True, total=total)
@@ -239,35 +223,15 @@ def diagnose(
         model, batches, refs, buf, num_classes, min_confidence, grad_mode, gate_activation,
         rank, world,
     )  # fmt: skip
-    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+    if world > 1:
         buf.merge_from(
             _gather(accelerator, buf.conf),
             _gather(accelerator, buf.index),
             [_gather(accelerator, v) for v in buf.vecs],
         )
         seen = int(_gather(accelerator, torch.tensor([seen])).sum())
-    valid = buf.valid
-    counts = valid.sum(1)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        warnings.warn(
-            f"{len(empty)} class(es) have no correctly classified image above the confidence "
-            f"floor: {empty[:20]}{'...' if len(empty) > 20 else ''}. Their masks mark every "
-            "channel relevant (no channel penalty for them).",
-            stacklevel=2,
-        )
-    out: dict[str, LayerDiagnosis] = {}
-    for ref, vec in zip(refs, buf.vecs):
-        scores = (vec * valid[..., None]).sum(1)
-        if scores.abs().sum() == 0 and counts.sum() > 0:
-            warnings.warn(
-                f"every gradient at layer {ref.name!r} is zero: the layer does not influence the "
-                "logits (e.g. a zero-initialised BatchNorm after it)",
-                stacklevel=2,
-            )
-        out[ref.name] = LayerDiagnosis(
-            ref.name, scores, compute_masks(scores, counts, mask_rule, theta, topk)
-        )
+    counts = buf.valid.sum(1)
+    out = _layer_diagnoses(refs, buf, counts, mask_rule, theta, topk)
     options = dict(
         per_class=per_class,
         min_confidence=min_confidence,
@@ -283,6 +247,67 @@ def diagnose(
     _logger.debug("diagnosed %d images, %d used", seen, int(counts.sum()))
     # the weights hash lets Diagnosis.load(path, model) tell other weights of this architecture
     return Diagnosis(out, counts, model_fingerprint(model, refs, weights=True), options)
+
+
+def _check_options(grad_mode: str, mask_rule: str, per_class: int, min_confidence: float) -> None:
+    """Refuse a bad option of :func:`diagnose` in one line, before any work."""
+    if grad_mode not in GRAD_MODES:
+        raise ConfigError(f"grad mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if mask_rule not in MASK_RULES:
+        raise ConfigError(f"mask rule must be one of {MASK_RULES}, got {mask_rule!r}")
+    if per_class < 1:
+        raise ConfigError(f"images per class must be >= 1, got {per_class}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"minimum confidence must be in [0, 1], got {min_confidence}")
+
+
+def _peek_input_size(
+    loader: Iterable, input_size: Sequence[int] | None
+) -> tuple[Iterator, Sequence[int] | None]:
+    """The batches, and the input size: given, or that of the first batch's images (one batch
+    is read ahead and put back, so the pass still sees every image)."""
+    batches = iter(loader)
+    if input_size is not None:
+        return batches, input_size
+    first = next(batches, None)
+    if first is None:
+        return batches, None
+    if isinstance(first[0], torch.Tensor):
+        input_size = tuple(first[0].shape[1:])
+    return itertools.chain([first], batches), input_size
+
+
+def _layer_diagnoses(
+    refs: Sequence[LayerRef],
+    buf: _TopN,
+    counts: torch.Tensor,
+    mask_rule: str,
+    theta: float,
+    topk: int | None,
+) -> dict[str, LayerDiagnosis]:
+    """Per layer, the kept images' summed scores and their masks; a warning for a class with no
+    image and for a layer whose every gradient is zero."""
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        warnings.warn(
+            f"{len(empty)} class(es) have no correctly classified image above the confidence "
+            f"floor: {empty[:20]}{'...' if len(empty) > 20 else ''}. Their masks mark every "
+            "channel relevant (no channel penalty for them).",
+            stacklevel=3,
+        )
+    out: dict[str, LayerDiagnosis] = {}
+    for ref, vec in zip(refs, buf.vecs):
+        scores = (vec * buf.valid[..., None]).sum(1)
+        if scores.abs().sum() == 0 and counts.sum() > 0:
+            warnings.warn(
+                f"every gradient at layer {ref.name!r} is zero: the layer does not influence the "
+                "logits (e.g. a zero-initialised BatchNorm after it)",
+                stacklevel=3,
+            )
+        out[ref.name] = LayerDiagnosis(
+            ref.name, scores, compute_masks(scores, counts, mask_rule, theta, topk)
+        )
+    return out
 
 
 def _scan(
