@@ -3,6 +3,7 @@
     md-doctor split --model resnet20_cifar --checkpoint last.pth.tar --dataset torch/cifar10 \\
         --data-dir DATA --val-from-train 5000 --classes 0 1 2 3 4 --experiment r20
     md-doctor split -c configs/split_resnet20_cifar10.yaml --generations 40
+    md-doctor split -c configs/split_resnet20_cifar10.yaml --search gradient --calibrate affine
 
 Like ``train_md.py``: ``-c FILE.yaml`` sets defaults (keys are the flags' destination names,
 unknown keys are errors naming the closest valid one), the command line wins, bad input is one
@@ -16,7 +17,9 @@ atomically, and a split that fails before its search saved a state removes what 
 Images: the held-out validation images (``--val-from-train``) select and measure (importance,
 sensitivity, GA fitness, ranges, accuracies); ``--calibrate bn|affine`` fits on
 ``--calibrate-images`` *training* images of the split classes (the training split minus the
-held-out images).
+held-out images). ``--search gradient`` (GradSplitter) learns its masks and module heads on all
+training images of the split classes; a ``--val-images`` subset of the held-out ones chooses
+its epoch.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ..errors import ConfigError, MDError
 from ..files import atomic_write, atomic_write_text
 from ..rundir import RunDirLock, prepare_run_dir
 from .calibrate import CALIBRATION_MODES, CalibrationConfig
+from .gradsearch import GradConfig
 from .search import SearchConfig
 from .sensitivity import SensitivityTable, plot_sensitivity
 from .split import SensitivityConfig, modularize, stratified_subset
@@ -71,7 +75,7 @@ def create_split_parser() -> argparse.ArgumentParser:
     Returns:
         A :class:`~md_plugin.config.Parser` (one-line errors).
     """
-    d, dc, ds = SearchConfig(), CalibrationConfig(), SensitivityConfig()
+    d, dc, ds, dg = SearchConfig(), CalibrationConfig(), SensitivityConfig(), GradConfig()
     p = Parser(
         prog="md-doctor split",
         description=__doc__.split("\n\n")[0],
@@ -95,6 +99,9 @@ def create_split_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("split (CNNSplitter)")
     s.add_argument("--classes", type=int, nargs="+", default=None,
                    help="model output indices to split (default: all)")  # fmt: skip
+    s.add_argument("--search", default="ga", choices=["ga", "gradient"],
+                   help="ga: CNNSplitter's genetic search (faithful); gradient: GradSplitter's "
+                   "mask search with module heads, learning on the training images")  # fmt: skip
     s.add_argument("--min-confidence", type=float, default=0.9,
                    help="importance uses class-c images with softmax(c) >= this")  # fmt: skip
     s.add_argument("--generations", type=int, default=d.generations, help="GA generations")
@@ -141,6 +148,24 @@ def create_split_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibrate-lr", type=float, default=dc.lr, help="affine: Adam learning rate")
     c.add_argument("--calibrate-batch-size", type=int, default=dc.batch_size,
                    help="affine: images per step, shared by all modules")  # fmt: skip
+    gr = p.add_argument_group("gradient search (--search gradient; GradSplitter)")
+    gr.add_argument("--epochs", type=int, default=dg.epochs,
+                    help="head-only epochs, then cycles of 5 mask and 2 head epochs")  # fmt: skip
+    gr.add_argument("--head-epochs", type=int, default=dg.head_epochs)
+    gr.add_argument("--images-per-epoch", type=int, default=dg.images_per_epoch,
+                    help="training images drawn (seeded) per epoch")  # fmt: skip
+    gr.add_argument("--mask-lr", type=float, default=dg.mask_lr)
+    gr.add_argument("--head-lr", type=float, default=dg.head_lr)
+    gr.add_argument("--kernel-alpha", type=float, default=dg.alpha,
+                    help="weight of the kept-kernel fraction in the loss")  # fmt: skip
+    gr.add_argument("--target-kernels", type=float, default=dg.target_kernels,
+                    help="penalise only each module's kept fraction above this, in (0, 1]")  # fmt: skip
+    gr.add_argument("--mask-init", default=dg.mask_init, choices=["ones", "importance"],
+                    help="starting mask values: ones (GradSplitter) or ranked by CNNSplitter's "
+                    "per-class importance (least important first to go)")  # fmt: skip
+    gr.add_argument("--select-tolerance", type=float, default=dg.select_tolerance,
+                    help="the chosen epoch: fewest kernels within this many points of the strong "
+                    "model's validation accuracy")  # fmt: skip
     o = p.add_argument_group("output")
     o.add_argument("--output", default="output/split", help="root of the run folders")
     o.add_argument("--experiment", default="",
@@ -212,7 +237,42 @@ def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | Non
         ) from None
 
 
-def _search_config(args: argparse.Namespace) -> SearchConfig:
+_GA_ONLY = ("generations", "population", "mutation", "parents_frac", "keep_frac", "alpha", "gamma",
+            "init_ratios", "init_ratios_sensitive", "sensitive_fraction", "sensitivity_images",
+            "sensitivity_tolerance", "eval_mode")  # fmt: skip
+_GRADIENT_ONLY = ("epochs", "head_epochs", "images_per_epoch", "mask_lr", "head_lr",
+                  "kernel_alpha", "target_kernels", "mask_init", "select_tolerance")  # fmt: skip
+
+
+def _check_search_flags(args: argparse.Namespace) -> None:
+    """A flag of the other search, set away from its default, is one line."""
+    parser = create_split_parser()
+    other = _GA_ONLY if args.search == "gradient" else _GRADIENT_ONLY
+    given = [k for k in other if getattr(args, k) != parser.get_default(k)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(
+            f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --search {args.search}"
+        )
+
+
+def _grad_config(args: argparse.Namespace) -> GradConfig:
+    cfg = GradConfig(
+        epochs=args.epochs, head_epochs=args.head_epochs, images_per_epoch=args.images_per_epoch,
+        mask_lr=args.mask_lr, head_lr=args.head_lr, alpha=args.kernel_alpha,
+        target_kernels=args.target_kernels, select_tolerance=args.select_tolerance,
+        mask_init=args.mask_init, val_images=args.val_images, seed=args.seed,
+        eval_batch_size=args.batch_size,
+    )  # fmt: skip
+    cfg.validate()
+    return cfg
+
+
+def _search_config(args: argparse.Namespace) -> SearchConfig | GradConfig:
+    """The GA's or, with ``--search gradient``, the gradient search's settings."""
+    _check_search_flags(args)
+    if args.search == "gradient":
+        return _grad_config(args)
     d = SearchConfig()
     _, fixed = _init_ratios(args)
     sens = args.init_ratios_sensitive
@@ -282,9 +342,11 @@ def _data(args: argparse.Namespace):
 
 def _calibration_loader(args: argparse.Namespace, train, num_classes: int, transform):
     """A loader over a stratified, seeded ``--calibrate-images`` subset of the training split's
-    images of the split classes (eval transforms); None for ``--calibrate none``. With
-    ``--val-from-train`` the training split already lacks the held-out images."""
-    if args.calibrate == "none":
+    images of the split classes (eval transforms), all of them for ``--search gradient``; None
+    for ``--calibrate none`` with the GA. With ``--val-from-train`` the training split already
+    lacks the held-out images."""
+    gradient = args.search == "gradient"  # the gradient search learns on all of them
+    if args.calibrate == "none" and not gradient:
         return None
     classes = args.classes or list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
@@ -295,10 +357,14 @@ def _calibration_loader(args: argparse.Namespace, train, num_classes: int, trans
     if len(have) < len(classes):
         missing = sorted(set(classes) - set(have))
         raise ConfigError(
-            f"--calibrate {args.calibrate} needs training images of every split class; the "
-            f"training split has none of class(es) {missing} (use --calibrate none)"
+            f"{'--search gradient' if gradient else f'--calibrate {args.calibrate}'} needs "
+            f"training images of every split class; the training split has none of class(es) "
+            f"{missing}{'' if gradient else ' (use --calibrate none)'}"
         )
-    pick = stratified_subset(targets, classes, args.calibrate_images, args.seed)
+    if gradient:
+        pick = torch.isin(targets, torch.tensor(classes)).nonzero().flatten().numpy()
+    else:
+        pick = stratified_subset(targets, classes, args.calibrate_images, args.seed)
     subset = torch.utils.data.Subset(train, pick.tolist())
     return create_eval_loader(subset, transform, args.batch_size, args.workers)
 
@@ -372,6 +438,8 @@ def format_timings(options: dict[str, Any]) -> str:
     line = f"time: {', '.join(parts)}; total {wall:.0f} s ({cpu:.0f} s CPU)"
     if "best_generation" in options:
         line += f"; best generation {options['best_generation'] + 1}"
+    if "best_epoch" in options:
+        line += f"; chosen epoch {options['best_epoch'] + 1}"
     return line
 
 

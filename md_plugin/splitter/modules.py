@@ -11,6 +11,10 @@ Format version 2 adds the optional calibration (:mod:`.calibrate`): ``calib_scal
 layout they were made for in the metadata (``calib_layout``). A calibrated module is the strong
 model with the affine folded into its BatchNorm (or bias-carrying conv) parameters, then masked
 or extracted. Version-1 files (no calibration) still load.
+
+Modules of the gradient search (:mod:`.gradsearch`) also carry GradSplitter's module heads,
+``head.0.weight`` [N, 10, N_out], ``head.0.bias``, ``head.2.weight``, ``head.2.bias`` stacked over
+modules (:class:`~.head.ModuleHeads`; ``options["head"]`` describes them), optional in version 2.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .bank import create_affine_layout
 from .calibrate import fold_affine
 from .extract import count_cost, extract_module
 from .groups import SplitGraph, create_split_graph
+from .head import ModuleHeads
 from .masking import create_masked_model
 
 __all__ = ["SplitModules", "split_fingerprint", "modules_from_diagnosis"]
@@ -64,6 +69,9 @@ class SplitModules:
 
     ``masks`` [N, sum C_g] bool; ``ranges`` [N, 2] own-logit (min, max) on class-c validation
     images (NaN until :meth:`measure`); ``stats`` per-module and composed measurements.
+    ``heads`` (gradient search only): GradSplitter's module heads stacked over modules
+    (:class:`~.head.ModuleHeads` tensors); with them a module's output is its head's score, and
+    the composition is the argmax over the scores instead of over the own-class logits.
     """
 
     classes: list[int]
@@ -77,6 +85,7 @@ class SplitModules:
     calib_scale: torch.Tensor | None = None
     calib_shift: torch.Tensor | None = None
     calib_layout: list | None = None
+    heads: dict[str, torch.Tensor] | None = None
     _model: nn.Module | None = field(default=None, repr=False)
     _sg: SplitGraph | None = field(default=None, repr=False)
     _source: str | None = field(default=None, repr=False)  # the file it was loaded from
@@ -198,18 +207,38 @@ class SplitModules:
             return extract_module(sg, masks)
         return create_masked_model(sg, masks)
 
+    def module_head(self, c: int) -> nn.Module | None:
+        """Class ``c``'s head (``[B, N]`` logits -> ``[B]`` scores), or None without heads."""
+        if self.heads is None:
+            return None
+        return ModuleHeads.from_tensors(self.heads).select(self.index(c))
+
     @torch.no_grad()
     def own_logits(
         self, x: torch.Tensor, modules: Sequence[nn.Module] | None = None
     ) -> torch.Tensor:
         """[B, N] own-class logit of every module (column i = module of ``classes[i]``)."""
+        return self._outputs(x, modules)[0]
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor, modules: Sequence[nn.Module] | None = None) -> torch.Tensor:
+        """[B, N] what the composition compares: the head scores with heads, else the
+        own-class logits."""
+        return self._outputs(x, modules)[1]
+
+    def _outputs(self, x, modules) -> tuple[torch.Tensor, torch.Tensor]:
+        """(own-class logits, scores), both [B, N], from one forward per module."""
         modules = modules or [self.module(c) for c in self.classes]
-        return torch.stack([m(x)[:, c] for m, c in zip(modules, self.classes)], 1)
+        z = torch.stack([m(x) for m in modules])  # [M, B, N_out]
+        own = torch.stack([z[i, :, c] for i, c in enumerate(self.classes)], 1)
+        if self.heads is None:
+            return own, own
+        return own, ModuleHeads.from_tensors(self.heads).to(z.device)(z).t()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Composed prediction: the class whose module's own logit is largest (class labels)."""
-        return torch.tensor(self.classes, device=x.device)[self.own_logits(x).argmax(1)]
+        """Composed prediction: the class whose module scores highest (class labels)."""
+        return torch.tensor(self.classes, device=x.device)[self.scores(x).argmax(1)]
 
     # -- measurements ------------------------------------------------------------------------
     @torch.no_grad()
@@ -234,7 +263,7 @@ class SplitModules:
             if not keep.any():
                 continue
             x, y = x[keep.to(x.device)], y[keep]
-            own = self.own_logits(x, mods).cpu()
+            own, score = (t.cpu() for t in self._outputs(x, mods))
             row = (y[:, None] == cls[None]).float().argmax(1)
             strong = model(x)[:, cls.to(x.device)].cpu()
             for i in range(len(cls)):
@@ -243,7 +272,7 @@ class SplitModules:
                     v = own[sel, i]
                     lo[i] = min(lo[i], v.min())
                     hi[i] = max(hi[i], v.max())
-            pred = own.argmax(1)
+            pred = score.argmax(1)
             for i in range(len(cls)):
                 sel = row == i
                 seen[i] += sel.sum()
@@ -300,6 +329,8 @@ class SplitModules:
         if self.calibrated:
             tensors["calib_scale"] = self.calib_scale.float()
             tensors["calib_shift"] = self.calib_shift.float()
+        for k, v in (self.heads or {}).items():
+            tensors[f"head.{k}"] = v.float()
         meta = {
             "groups": [list(g) for g in zip(self.group_names, self.group_channels)],
             "fingerprint": self.fingerprint,
@@ -359,6 +390,12 @@ class SplitModules:
             want = (len(out.classes), sum(int(e[2]) for e in out.calib_layout))
             if out.calib_scale.shape != want or out.calib_shift.shape != want:
                 raise ValueError(f"calibration shape {tuple(out.calib_scale.shape)} is not {want}")
+        heads = {k[5:]: v for k, v in t.items() if k.startswith("head.")}
+        if heads:
+            h = ModuleHeads.from_tensors(heads)  # checks names and shapes
+            if h.num_modules != len(out.classes):
+                raise ValueError(f"{h.num_modules} module heads for {len(out.classes)} classes")
+            out.heads = heads
         return out
 
 

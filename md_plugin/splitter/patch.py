@@ -7,6 +7,9 @@ recorded on that class's validation images, ``m' = (z - lo) / (hi - lo)``, uncli
 in place of the weak model's target-class probability and predict the argmax. Equivalently, the
 target class wins iff ``m' > max_{j != TC} p_j``. Nothing is trained or tuned.
 
+A module of the gradient search (GradSplitter) carries a trained head that scores its logits
+in (0, 1); given ``head``, that score is ``m'`` instead of the min-max-normalised own logit.
+
 :class:`PatchedModel` is a plain ``nn.Module`` (its output's argmax is the patched prediction),
 so the trainer's ``evaluate``, ``torch.save(model.state_dict())`` and ``load_state_dict`` work on
 it as on any classifier. :func:`tc_metrics` gives the paper's numbers: target-class precision,
@@ -43,7 +46,9 @@ class PatchedModel(nn.Module):
             appends it last: ``-1``).
         module_class: the same class's index in the *strong* model's outputs.
         value_range: ``(lo, hi)``, the module's own-class logit range on that class's validation
-            images (CNNSplitter's ``min_max`` mode); ``hi > lo``.
+            images (CNNSplitter's ``min_max`` mode); ``hi > lo``. Unused with ``head``.
+        head: a GradSplitter module head, ``[B, N_strong]`` logits -> ``[B]`` scores in (0, 1):
+            its score replaces the weak TC probability (no min-max normalisation).
 
     ``forward`` returns the weak softmax with column ``target_class`` replaced by the normalised
     module logit: scores, not probabilities (the column may leave [0, 1] and rows need not sum
@@ -56,10 +61,11 @@ class PatchedModel(nn.Module):
         module: nn.Module,
         target_class: int,
         module_class: int,
-        value_range: tuple[float, float],
+        value_range: tuple[float, float] | None = None,
+        head: nn.Module | None = None,
     ):
         super().__init__()
-        lo, hi = (float(v) for v in value_range)
+        lo, hi = (0.0, 1.0) if head is not None else (float(v) for v in value_range or (0, 0))
         if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
             raise ConfigError(
                 f"the module's own-class logit range must be finite with max > min, got ({lo}, {hi})"
@@ -69,6 +75,7 @@ class PatchedModel(nn.Module):
         self.weak = weak
         # not "module": checkpoint loaders strip a "module." (DDP) prefix from state-dict keys
         self.tc_module = module
+        self.tc_head = head
         self.target_class = int(target_class)
         self.module_class = int(module_class)
         self.register_buffer("value_range", torch.tensor([lo, hi], dtype=torch.float64))
@@ -82,13 +89,16 @@ class PatchedModel(nn.Module):
         return tc % num_classes
 
     def module_score(self, x: torch.Tensor) -> torch.Tensor:
-        """``m'``: the module's own-class logit, min-max normalised with the stored range, [B]."""
+        """``m'``, [B]: the module's own-class logit min-max normalised with the stored range, or
+        with a head, the head's score of the module's logits."""
         z = self.tc_module(x)
         if z.dim() != 2 or not -z.shape[1] <= self.module_class < z.shape[1]:
             raise ConfigError(
                 f"module class {self.module_class} is out of range for a module with "
                 f"{z.shape[-1]} outputs"
             )
+        if self.tc_head is not None:
+            return self.tc_head(z).float()
         lo, hi = self.value_range.to(z.device)
         return ((z[:, self.module_class].double() - lo) / (hi - lo)).to(torch.float32)
 
@@ -109,6 +119,8 @@ class PatchedModel(nn.Module):
 
     def extra_repr(self) -> str:
         lo, hi = self.value_range.tolist()
+        if self.tc_head is not None:
+            return f"target_class={self.target_class}, module_class={self.module_class}, head score"
         return (
             f"target_class={self.target_class}, module_class={self.module_class}, "
             f"value_range=({lo:.4g}, {hi:.4g})"

@@ -210,6 +210,7 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
     Returns:
         ``(patched model in eval mode, description dict, eval transform)``.
     """
+    head = None  # a gradient-search module's head
     weak = create_model(
         args.weak_model, args.weak_num_classes or _num_classes_of(args.weak_checkpoint)
     )
@@ -254,14 +255,15 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
     else:
         mods = SplitModules.load(args.modules, strong, cfg_s["input_size"])
         module = mods.module(args.module_class)
-        lo, hi = mods.range(args.module_class)
-        meta.update(module_kind="masked", modules=str(args.modules))
+        head = mods.module_head(args.module_class)
+        lo, hi = (0.0, 1.0) if head is not None else mods.range(args.module_class)
+        meta.update(module_kind="masked", modules=str(args.modules), module_head=head is not None)
         st = next(
             (m for m in mods.stats.get("modules", []) if m.get("cls") == args.module_class), None
         )
         if st:
             meta["module_stats"] = st
-    patched = PatchedModel(weak, module, meta["target_class"], args.module_class, (lo, hi))
+    patched = PatchedModel(weak, module, meta["target_class"], args.module_class, (lo, hi), head)
     meta["value_range"] = [lo, hi]
     return patched.eval(), meta, tf
 
@@ -287,7 +289,14 @@ def load_patched(path: str | Path, input_size: Sequence[int] | None = None) -> P
         module = create_masked_model(
             create_split_graph(strong, input_size or meta.get("input_size"))
         )
-    p = PatchedModel(weak, module, meta["target_class"], meta["module_class"], meta["value_range"])
+    head = None
+    if meta.get("module_head"):
+        from .head import ModuleHeads
+
+        head = ModuleHeads(1, meta["strong_num_classes"]).select(0)  # weights from the state dict
+    p = PatchedModel(
+        weak, module, meta["target_class"], meta["module_class"], meta["value_range"], head
+    )
     try:
         p.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

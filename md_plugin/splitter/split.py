@@ -25,6 +25,7 @@ from ..errors import ConfigError, MDError
 from .bank import ModuleBank
 from .calibrate import CalibrationConfig, calibrate_modules
 from .encoding import GeneLayout, create_gene_layout
+from .gradsearch import GradConfig, gradient_modules
 from .groups import SplitGraph, create_split_graph
 from .importance import compute_importance
 from .modules import SplitModules, create_split_modules
@@ -158,7 +159,7 @@ def modularize(
     model: nn.Module,
     loader: Iterable,
     classes: Sequence[int] | None = None,
-    config: SearchConfig | None = None,
+    config: SearchConfig | GradConfig | None = None,
     *,
     min_confidence: float = 0.9,
     init_ratios: str = "auto",
@@ -182,6 +183,9 @@ def modularize(
             stratified ``config.val_images`` subset is the GA's fitness set and another
             ``sensitivity.images`` subset the layer sensitivity's.
         config: the GA's :class:`SearchConfig`; ``overrides`` set its fields (``generations=10``).
+            A :class:`~.gradsearch.GradConfig` runs GradSplitter's gradient search instead: its
+            masks and module heads learn on ``train_loader``'s images (all of them; no importance
+            or sensitivity stage), a ``val_images`` subset of the held-out ones chooses the epoch.
         init_ratios: ``"auto"`` (each group's initial keep ratios from the layer sensitivity,
             :class:`SensitivityConfig`) or ``"fixed"`` (``config``'s forward-order lists).
         calibration: :class:`CalibrationConfig` (default: none); ``bn``/``affine`` need
@@ -203,6 +207,9 @@ def modularize(
     if init_ratios == "auto":
         sens.validate(len(classes))
     timings = StageTimings()
+    if isinstance(cfg, GradConfig):
+        return _gradient_split(model, sg, loader, classes, cfg, calibration, train_loader, timings,
+                               min_confidence, state_path, device, progress, log)  # fmt: skip
     with timings.stage("importance"):
         x, y = collect_images(loader, classes)
         batches = list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size)))
@@ -235,15 +242,58 @@ def modularize(
     if table is not None:
         opts["sensitivity"] = table.to_dict()
     mods = create_split_modules(model, sg, classes, result.masks, opts)
+    return _calibrate_and_measure(mods, batches, calibration, train_loader, timings, device, log)
+
+
+def _calibrate_and_measure(
+    mods: SplitModules,
+    batches: list,
+    calibration: CalibrationConfig,
+    train_loader: Iterable | None,
+    timings: StageTimings,
+    device: torch.device | str,
+    log: Callable[[str], None],
+) -> SplitModules:
+    """The last stages of either search: calibration (if asked), then the measurement on the
+    held-out ``batches``."""
     mods.options["calibration"] = dict(mode="none")
     if calibration.mode != "none":
         with timings.stage("calibration"):
-            xt, _ = _training_images(train_loader, classes, calibration)
+            xt, _ = _training_images(train_loader, mods.classes, calibration)
             calibrate_modules(mods, xt, calibration, log)
     with timings.stage("measure"):
         mods.measure(batches, device)
     mods.options["timings"] = dict(timings)
     return mods
+
+
+def _gradient_split(
+    model: nn.Module,
+    sg: SplitGraph,
+    loader: Iterable,
+    classes: list[int],
+    cfg: GradConfig,
+    calibration: CalibrationConfig,
+    train_loader: Iterable | None,
+    timings: StageTimings,
+    min_confidence: float,
+    state_path: str | None,
+    device: torch.device | str,
+    progress: bool,
+    log: Callable[[str], None],
+) -> SplitModules:
+    """``modularize`` with the gradient search (:mod:`.gradsearch`) instead of the GA."""
+    if train_loader is None:
+        raise ConfigError("the gradient search learns on training images: pass train_loader")
+    x, y = collect_images(loader, classes)
+    with timings.stage("search"):
+        sub = stratified_subset(y, classes, cfg.val_images, cfg.seed)
+        mods = gradient_modules(model, sg, classes, x, y, sub, train_loader, cfg,
+                                state_path=state_path, progress=progress, log=log, device=device,
+                                min_confidence=min_confidence)  # fmt: skip
+    bs = cfg.eval_batch_size
+    batches = list(zip(x.split(bs), y.split(bs)))
+    return _calibrate_and_measure(mods, batches, calibration, train_loader, timings, device, log)
 
 
 class StageTimings(dict):
