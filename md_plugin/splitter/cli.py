@@ -107,7 +107,8 @@ def create_split_parser() -> argparse.ArgumentParser:
     s.add_argument("--generations", type=int, default=d.generations, help="GA generations")
     s.add_argument("--population", type=int, default=d.population, help="GA population per class")
     s.add_argument("--val-images", type=int, default=d.val_images,
-                   help="stratified validation subset the GA scores on")  # fmt: skip
+                   help="stratified validation subset the GA scores on (the gradient search: "
+                   "chooses its epoch on)")  # fmt: skip
     s.add_argument("--seed", type=int, default=d.seed, help="seed of the search")
     s.add_argument("--mutation", type=float, default=d.mutation,
                    help="fraction of genes reset per offspring")  # fmt: skip
@@ -151,11 +152,16 @@ def create_split_parser() -> argparse.ArgumentParser:
     gr = p.add_argument_group("gradient search (--search gradient; GradSplitter)")
     gr.add_argument("--epochs", type=int, default=dg.epochs,
                     help="head-only epochs, then cycles of 5 mask and 2 head epochs")  # fmt: skip
-    gr.add_argument("--head-epochs", type=int, default=dg.head_epochs)
+    gr.add_argument("--head-epochs", type=int, default=dg.head_epochs,
+                    help="head-only epochs before the first mask epoch (GradSplitter: 5)")  # fmt: skip
     gr.add_argument("--images-per-epoch", type=int, default=dg.images_per_epoch,
                     help="training images drawn (seeded) per epoch")  # fmt: skip
-    gr.add_argument("--mask-lr", type=float, default=dg.mask_lr)
-    gr.add_argument("--head-lr", type=float, default=dg.head_lr)
+    gr.add_argument("--mask-lr", type=float, default=dg.mask_lr,
+                    help="Adam learning rate of the mask values (GradSplitter: 1e-3 over ~70k "
+                    "steps; ours has a few hundred)")  # fmt: skip
+    gr.add_argument("--head-lr", type=float, default=dg.head_lr,
+                    help="Adam learning rate of the heads in the first head epochs; later "
+                    "epochs use a tenth")  # fmt: skip
     gr.add_argument("--kernel-alpha", type=float, default=dg.alpha,
                     help="weight of the kept-kernel fraction in the loss")  # fmt: skip
     gr.add_argument("--target-kernels", type=float, default=dg.target_kernels,

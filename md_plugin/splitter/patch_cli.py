@@ -43,6 +43,7 @@ from ..data.transforms import create_eval_transform
 from ..errors import ConfigError, MDError
 from ..files import atomic_write_text
 from .groups import create_split_graph
+from .head import ModuleHeads
 from .masking import create_masked_model
 from .modules import SplitModules
 from .patch import PatchedModel, evaluate_patch, own_class_range
@@ -291,8 +292,6 @@ def load_patched(path: str | Path, input_size: Sequence[int] | None = None) -> P
         )
     head = None
     if meta.get("module_head"):
-        from .head import ModuleHeads
-
         head = ModuleHeads(1, meta["strong_num_classes"]).select(0)  # weights from the state dict
     p = PatchedModel(
         weak, module, meta["target_class"], meta["module_class"], meta["value_range"], head
