@@ -49,9 +49,9 @@ class SearchConfig:
     """Budget and GA settings. Paper scale: population 100, 200 generations, 50 parents, 20
     kept, full val split; the defaults are a CPU budget (see docs/splitter.md)."""
 
-    generations: int = 30
+    generations: int = 10
     population: int = 20
-    val_images: int = 500
+    val_images: int = 250
     seed: int = 0
     mutation: float = 0.05
     parents_frac: float = 0.5
