@@ -130,7 +130,11 @@ def test_a_diagnosis_file_is_not_a_modules_file(tmp_path):
 
 def test_bad_classes_are_one_line():
     x, y = planted_data(4)
-    for classes, words in [([0, 3], "out of range"), ([1], "at least two"), ([1, 1], "more than once")]:
+    for classes, words in [
+        ([0, 3], "out of range"),
+        ([1], "at least two"),
+        ([1, 1], "more than once"),
+    ]:
         with pytest.raises(MDError, match=words):
             modularize(PlantedNet(), batches(x, y), classes=classes, generations=1, population=4)
 
