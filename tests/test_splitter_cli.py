@@ -46,8 +46,12 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
     out = capsys.readouterr().out
     assert "composed 3-module accuracy" in out and "gen 2/2" in out
     run = tmp_path / "run"
-    for f in ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log"):
+    files = ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log")
+    for f in (*files, "sensitivity.csv", "sensitivity.png"):  # --init-ratios auto (default)
         assert (run / f).is_file(), f
+    # every stage is timed in the log (wall and CPU seconds)
+    assert all(f"{stage} " in out for stage in ("sensitivity", "calibration", "measure"))
+    assert "s CPU)" in out
     model = timm.create_model("simcnn_weak", num_classes=10, width=8)
     with pytest.raises(MDError, match="split from another model: same architecture"):
         SplitModules.load(run / "modules.safetensors", model)  # random weights (issue 19 item 3)
@@ -55,6 +59,9 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
     mods = SplitModules.load(run / "modules.safetensors", model)
     assert mods.classes == [0, 1, 2] and mods.options["config"]["seed"] == 3
     assert len(mods.options["history"]) == 2
+    # the default --calibrate affine: on training images, stored and used by the modules
+    assert mods.calibrated and mods.options["calibration"]["mode"] == "affine"
+    assert {"sensitivity_s", "calibration_s", "calibration_cpu_s"} <= set(mods.options["timings"])
     # the folder is never overwritten
     assert main(_argv(cifar10_root, strong, tmp_path, "--generations", "2")) == 2
     assert "exists" in capsys.readouterr().err
@@ -73,6 +80,17 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
         (["--generations", "x"], "invalid int value"),
         (["--resume"], "no search state"),
         (["--eval-mode", "fast"], "invalid choice"),
+        # the split stages (issue 18)
+        (["--init-ratios", "auto", "0.3"], "'auto' or keep ratios, not both"),
+        (["--init-ratios", "0.3", "x"], "'auto' or keep ratios in (0, 1]"),
+        (["--init-ratios-sensitive", "0.5"], "only apply to numeric --init-ratios"),
+        (["--sensitive-fraction", "0.3"], "only apply to numeric --init-ratios"),
+        (["--sensitivity-images", "2"], "at least the number of classes (3)"),
+        (["--sensitivity-tolerance", "-1"], "--sensitivity-tolerance"),
+        (["--calibrate-images", "0"], "--calibrate affine needs --calibrate-images >= 1"),
+        (["--calibrate", "bn", "--calibrate-images", "0"], "--calibrate bn needs"),
+        (["--calibrate-steps", "0"], "--calibrate-steps"),
+        (["--calibrate", "fancy"], "invalid choice"),
     ],
 )
 def test_bad_input_is_one_line(cifar10_root, strong, tmp_path, capsys, extra, words):
