@@ -75,7 +75,7 @@ def create_split_parser() -> argparse.ArgumentParser:
     Returns:
         A :class:`~md_plugin.config.Parser` (one-line errors).
     """
-    d, dc, ds, dg = SearchConfig(), CalibrationConfig(), SensitivityConfig(), GradConfig()
+    d, dg = SearchConfig(), GradConfig()
     p = Parser(
         prog="md-doctor split",
         description=__doc__.split("\n\n")[0],
@@ -120,35 +120,9 @@ def create_split_parser() -> argparse.ArgumentParser:
                    help="fitness weight of accuracy against kernel diversity")  # fmt: skip
     s.add_argument("--gamma", type=float, default=d.gamma,
                    help="accuracy target: below it the accuracy weight rises by the shortfall")  # fmt: skip
-    s.add_argument("--init-ratios", nargs="+", default=["auto"], metavar="R",
-                   help="'auto': each group's initial keep ratios from the layer sensitivity; "
-                   f"or keep ratios for the later groups (the paper's forward-order rule, "
-                   f"e.g. {' '.join(map(str, d.ratios))})")  # fmt: skip
-    s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R", default=None,
-                   help="with numeric --init-ratios: keep ratios for the first "
-                   f"--sensitive-fraction of the groups (default {' '.join(map(str, d.ratios_sensitive))})")  # fmt: skip
-    s.add_argument("--sensitive-fraction", type=float, default=None,
-                   help=f"with numeric --init-ratios (default {d.sensitive_fraction})")  # fmt: skip
-    s.add_argument("--sensitivity-images", type=int, default=ds.images,
-                   help="--init-ratios auto: stratified held-out images the sensitivity "
-                   "analysis composes on")  # fmt: skip
-    s.add_argument("--sensitivity-tolerance", type=float, default=ds.tolerance,
-                   help="--init-ratios auto: a group starts at the smallest keep ratio whose "
-                   "composed accuracy stays within this many points of the strong model's")  # fmt: skip
     s.add_argument("--eval-mode", default=d.eval_mode, choices=["extracted", "masked"],
                    help="score modules as extracted sub-networks or as the masked strong model")  # fmt: skip
-    c = p.add_argument_group("module calibration (a deviation from the paper)")
-    c.add_argument("--calibrate", default=dc.mode, choices=list(CALIBRATION_MODES),
-                   help="bn: re-estimate each module's BatchNorm statistics; affine: then learn "
-                   "a per-channel scale and shift at every mask site (logit MSE to the strong "
-                   "model); both on training images, folded into the modules")  # fmt: skip
-    c.add_argument("--calibrate-images", type=int, default=dc.images,
-                   help="stratified training images of the split classes (not the held-out "
-                   "ones)")  # fmt: skip
-    c.add_argument("--calibrate-steps", type=int, default=dc.steps, help="affine: Adam steps")
-    c.add_argument("--calibrate-lr", type=float, default=dc.lr, help="affine: Adam learning rate")
-    c.add_argument("--calibrate-batch-size", type=int, default=dc.batch_size,
-                   help="affine: images per step, shared by all modules")  # fmt: skip
+    _add_stage_flags(p, s)
     gr = p.add_argument_group("gradient search (--search gradient; GradSplitter)")
     gr.add_argument("--epochs", type=int, default=dg.epochs,
                     help="head-only epochs, then cycles of 5 mask and 2 head epochs")  # fmt: skip
@@ -180,6 +154,39 @@ def create_split_parser() -> argparse.ArgumentParser:
                    help="continue the search saved in the run folder")  # fmt: skip
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _add_stage_flags(p: argparse.ArgumentParser, s: argparse._ArgumentGroup) -> None:
+    """The initial keep ratios (sensitivity) flags into the split group ``s``, and the module
+    calibration group (issue 18)."""
+    d, dc, ds = SearchConfig(), CalibrationConfig(), SensitivityConfig()
+    s.add_argument("--init-ratios", nargs="+", default=["auto"], metavar="R",
+                   help="'auto': each group's initial keep ratios from the layer sensitivity; "
+                   f"or keep ratios for the later groups (the paper's forward-order rule, "
+                   f"e.g. {' '.join(map(str, d.ratios))})")  # fmt: skip
+    s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R", default=None,
+                   help="with numeric --init-ratios: keep ratios for the first "
+                   f"--sensitive-fraction of the groups (default {' '.join(map(str, d.ratios_sensitive))})")  # fmt: skip
+    s.add_argument("--sensitive-fraction", type=float, default=None,
+                   help=f"with numeric --init-ratios (default {d.sensitive_fraction})")  # fmt: skip
+    s.add_argument("--sensitivity-images", type=int, default=ds.images,
+                   help="--init-ratios auto: stratified held-out images the sensitivity "
+                   "analysis composes on")  # fmt: skip
+    s.add_argument("--sensitivity-tolerance", type=float, default=ds.tolerance,
+                   help="--init-ratios auto: a group starts at the smallest keep ratio whose "
+                   "composed accuracy stays within this many points of the strong model's")  # fmt: skip
+    c = p.add_argument_group("module calibration (a deviation from the paper)")
+    c.add_argument("--calibrate", default=dc.mode, choices=list(CALIBRATION_MODES),
+                   help="bn: re-estimate each module's BatchNorm statistics; affine: then learn "
+                   "a per-channel scale and shift at every mask site (logit MSE to the strong "
+                   "model); both on training images, folded into the modules")  # fmt: skip
+    c.add_argument("--calibrate-images", type=int, default=dc.images,
+                   help="stratified training images of the split classes (not the held-out "
+                   "ones)")  # fmt: skip
+    c.add_argument("--calibrate-steps", type=int, default=dc.steps, help="affine: Adam steps")
+    c.add_argument("--calibrate-lr", type=float, default=dc.lr, help="affine: Adam learning rate")
+    c.add_argument("--calibrate-batch-size", type=int, default=dc.batch_size,
+                   help="affine: images per step, shared by all modules")  # fmt: skip
 
 
 def parse_split_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
