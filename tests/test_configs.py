@@ -9,7 +9,8 @@ import pytest
 from md_plugin.train.args import parse_args
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-CONFIGS = [p for p in ALL if not p.name.startswith("split_")]  # train_md.py configs
+# train_md.py configs (accelerate_*.yaml are `accelerate launch --config_file` configs)
+CONFIGS = [p for p in ALL if not p.name.startswith(("split_", "accelerate_"))]
 SPLIT_CONFIGS = [p for p in ALL if p.name.startswith("split_")]  # md-doctor split configs
 
 

@@ -474,6 +474,9 @@ def _check_typed(ns: argparse.Namespace) -> None:
                 assert isinstance(item, str), where
             elif a.type is int:
                 assert isinstance(item, int) and not isinstance(item, bool), where
+            elif a.type is args_mod._count_or_fraction:  # an image count or a fraction
+                assert isinstance(item, (int, float)) and not isinstance(item, bool), where
+                assert item >= 1 if isinstance(item, int) else 0 < item < 1, where
             else:  # float or float-or-None
                 assert isinstance(item, float), where
             if a.choices is not None:

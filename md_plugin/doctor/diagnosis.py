@@ -263,12 +263,13 @@ def _check_options(grad_mode: str, mask_rule: str, per_class: int, min_confidenc
 
 def _peek_input_size(
     loader: Iterable, input_size: Sequence[int] | None
-) -> tuple[Iterator, Sequence[int] | None]:
-    """The batches, and the input size: given, or that of the first batch's images (one batch
-    is read ahead and put back, so the pass still sees every image)."""
-    batches = iter(loader)
+) -> tuple[Iterable, Sequence[int] | None]:
+    """The batches, and the input size: given (the loader is not touched before the option
+    checks), or that of the first batch's images (one batch is read ahead and put back, so the
+    pass still sees every image)."""
     if input_size is not None:
-        return batches, input_size
+        return loader, input_size
+    batches = iter(loader)
     first = next(batches, None)
     if first is None:
         return batches, None
