@@ -70,6 +70,7 @@ class GradConfig:
     head_lr: float = 0.01
     alpha: float = 0.1
     target_kernels: float | None = None
+    target_mode: str = "above"
     mask_init: str = "ones"
     val_images: int = 500
     select_tolerance: float = 1.0
@@ -296,7 +297,9 @@ class _Search:
 
     def penalty(self, kept: torch.Tensor) -> torch.Tensor:
         t = self.cfg.target_kernels
-        return kept.mean() if t is None else torch.relu(kept - t).mean()
+        if t is None:
+            return kept.mean()
+        return (kept - t).abs().mean() if self.cfg.target_mode == "both" else torch.relu(kept - t).mean()
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -558,3 +561,53 @@ def gradient_modules(
     mods = create_split_modules(model, sg, classes, masks, opts)
     mods.heads = res.heads
     return mods
+
+
+def refit_heads(
+    mods: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> float:
+    """GradSplitter's head epochs once more, on the modules as they are now (masks fixed).
+
+    Calibration changes every module's logits after its head was fitted to the uncalibrated
+    ones, so a calibrated gradient split re-fits its heads on the calibration images (labels in
+    the model's output space): ``epochs`` passes of Adam at ``lr`` (GradSplitter's later head
+    lr), heads only. The logits are computed once. Returns the last epoch's mean loss.
+    """
+    from .bank import ModuleBank
+
+    log = log or _logger.info
+    row = {int(c): i for i, c in enumerate(mods.classes)}
+    rows = torch.tensor([row[int(v)] for v in labels])
+    bank = ModuleBank(mods.split_graph)
+    scale = mods.calib_scale if mods.calibrated else None
+    shift = mods.calib_shift if mods.calibrated else None
+    masks = mods.masks.float()
+    with torch.no_grad():
+        z = torch.cat([bank(x, masks, scale, shift) for x in images.split(250)], 1)
+    heads = ModuleHeads.from_tensors(mods.heads)
+    opt = torch.optim.Adam(heads.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    t0, loss_sum = time.perf_counter(), 0.0
+    for _ in range(epochs):
+        perm, loss_sum, steps = torch.randperm(len(rows), generator=g), 0.0, 0
+        for s in range(0, len(rows), batch_size):
+            i = perm[s : s + batch_size]
+            loss = F.cross_entropy(heads(z[:, i]).t(), rows[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum, steps = loss_sum + loss.item(), steps + 1
+        loss_sum /= steps
+    mods.heads = heads.tensors()
+    log(
+        f"heads re-fitted to the calibrated modules: {epochs} epochs on {len(rows)} training "
+        f"images, loss {loss_sum:.4f} ({time.perf_counter() - t0:.0f} s)"
+    )
+    return loss_sum
