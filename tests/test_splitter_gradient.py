@@ -15,6 +15,7 @@ from md_plugin.checkpoint import load_weights
 from md_plugin.cli import main
 from md_plugin.errors import ConfigError, MDError
 from md_plugin.splitter import PatchedModel, SplitModules, modularize
+from md_plugin.splitter.calibrate import CalibrationConfig
 from md_plugin.splitter.gradsearch import (
     GradConfig,
     _Sign,
@@ -94,14 +95,15 @@ def test_bad_settings_are_one_line(kw, words):
 N_PLANTED = 5
 
 
-def _split(state=None, epochs=30, n=N_PLANTED, images=200, **kw) -> SplitModules:
+def _split(state=None, epochs=30, n=N_PLANTED, images=200, calibration=None, **kw) -> SplitModules:
     xv, yv = planted_data(20, seed=0, num_classes=n)
     xt, yt = planted_data(60, seed=1, num_classes=n)
     cfg = GradConfig(epochs=epochs, head_epochs=2, images_per_epoch=images, batch_size=32,
                      val_images=20 * n, **kw)  # fmt: skip
     train = DataLoader(TensorDataset(xt, yt), batch_size=50)  # read lazily by index
     return modularize(PlantedNet(n), batches(xv, yv), config=cfg, train_loader=train,
-                      state_path=str(state) if state else None, log=lambda s: None)  # fmt: skip
+                      calibration=calibration, state_path=str(state) if state else None,
+                      log=lambda s: None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,21 @@ def test_resume_gives_the_same_result_bit_for_bit(tmp_path, stop):
     state = torch.load(tmp_path / "full.pt", weights_only=False)
     cut = torch.load(tmp_path / "cut.pt", weights_only=False)
     assert torch.equal(state["values"], cut["values"])
+
+
+def test_calibration_refits_the_heads_to_the_calibrated_modules():
+    plain = _split(epochs=9, n=3, images=96)
+    cal = CalibrationConfig(mode="affine", images=60, steps=10, batch_size=30)
+    mods = _split(epochs=9, n=3, images=96, calibration=cal)
+    assert mods.calibrated and torch.equal(plain.masks, mods.masks)
+    assert not torch.equal(plain.heads["0.weight"], mods.heads["0.weight"])  # re-fitted
+    # the heads score the calibrated modules: the file's composition is the heads' argmax
+    x, y = planted_data(10, seed=5, num_classes=3)
+    with torch.no_grad():
+        z = torch.stack([mods.module(c)(x) for c in range(3)])  # calibration folded in
+        want = ModuleHeads.from_tensors(mods.heads)(z).argmax(0)
+    assert torch.equal(mods.predict(x), want)
+    assert mods.stats["composed_acc"] == 100.0
 
 
 def test_resume_refuses_another_search(tmp_path):

@@ -47,6 +47,7 @@ __all__ = [
     "binary_masks",
     "create_phase_optimizer",
     "gradient_modules",
+    "refit_heads",
     "run_gradient_search",
     "schedule",
 ]
@@ -299,7 +300,11 @@ class _Search:
         t = self.cfg.target_kernels
         if t is None:
             return kept.mean()
-        return (kept - t).abs().mean() if self.cfg.target_mode == "both" else torch.relu(kept - t).mean()
+        return (
+            (kept - t).abs().mean()
+            if self.cfg.target_mode == "both"
+            else torch.relu(kept - t).mean()
+        )
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..errors import ConfigError, MDError
 from .bank import ModuleBank
 from .calibrate import CalibrationConfig, calibrate_modules
 from .encoding import GeneLayout, create_gene_layout
-from .gradsearch import GradConfig, gradient_modules
+from .gradsearch import GradConfig, gradient_modules, refit_heads
 from .groups import SplitGraph, create_split_graph
 from .importance import compute_importance
 from .modules import SplitModules, create_split_modules
@@ -259,8 +259,10 @@ def _calibrate_and_measure(
     mods.options["calibration"] = dict(mode="none")
     if calibration.mode != "none":
         with timings.stage("calibration"):
-            xt, _ = _training_images(train_loader, mods.classes, calibration)
+            xt, yt = _training_images(train_loader, mods.classes, calibration)
             calibrate_modules(mods, xt, calibration, log)
+            if mods.heads is not None:  # heads of the gradient search: fit to the new logits
+                refit_heads(mods, xt, yt, log=log)
     with timings.stage("measure"):
         mods.measure(batches, device)
     mods.options["timings"] = dict(timings)
