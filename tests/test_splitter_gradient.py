@@ -3,6 +3,8 @@ the artifact's heads, the patch rule with a head, and md-doctor split --search g
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -22,6 +24,7 @@ from md_plugin.splitter.gradsearch import (
     binary_masks,
     create_phase_optimizer,
     schedule,
+    sensitivity_init,
 )
 from md_plugin.splitter.head import ModuleHeads, create_module_heads
 
@@ -95,11 +98,12 @@ def test_bad_settings_are_one_line(kw, words):
 N_PLANTED = 5
 
 
-def _split(state=None, epochs=30, n=N_PLANTED, images=200, calibration=None, **kw) -> SplitModules:
+def _split(state=None, epochs=30, n=N_PLANTED, images=200, calibration=None, mask_init="ones",
+           **kw) -> SplitModules:  # fmt: skip
     xv, yv = planted_data(20, seed=0, num_classes=n)
     xt, yt = planted_data(60, seed=1, num_classes=n)
     cfg = GradConfig(epochs=epochs, head_epochs=2, images_per_epoch=images, batch_size=32,
-                     val_images=20 * n, **kw)  # fmt: skip
+                     val_images=20 * n, mask_init=mask_init, **kw)  # fmt: skip
     train = DataLoader(TensorDataset(xt, yt), batch_size=50)  # read lazily by index
     return modularize(PlantedNet(n), batches(xv, yv), config=cfg, train_loader=train,
                       calibration=calibration, state_path=str(state) if state else None,
@@ -123,6 +127,39 @@ def test_gradient_search_finds_the_planted_channels(planted_split):
     assert mods.options["source"] == "gradient" and len(mods.options["history"]) == 30
     h = mods.options["history"]
     assert h[0]["phase"] == "head" and h[0]["kept"] == 1.0 and h[2]["phase"] == "mask"
+
+
+class _Ranks:
+    """An importance whose ranking of group g for module i is a fixed permutation."""
+
+    def __init__(self, perms):
+        self.perms = perms
+
+    def order(self, i, g):
+        return self.perms[i][g]
+
+
+def test_sensitivity_init_turns_on_each_class_s_top_channels_at_its_group_ratio():
+    groups = [SimpleNamespace(channels=10), SimpleNamespace(channels=4)]
+    sg = SimpleNamespace(groups=groups)
+    g = torch.Generator().manual_seed(0)
+    perms = [[torch.randperm(10, generator=g), torch.randperm(4, generator=g)] for _ in range(2)]
+    v = sensitivity_init(sg, _Ranks(perms), 2, [0.3, 0.1])
+    assert v.shape == (2, 14)
+    for i in range(2):
+        a, b = v[i, :10], v[i, 10:]
+        assert set((a > 0).nonzero().flatten().tolist()) == set(perms[i][0][:3].tolist())
+        assert (b > 0).nonzero().flatten().tolist() == [int(perms[i][1][0])]  # at least one
+        # ranked: the importance order is the value order, evenly spaced by 1 / C
+        assert torch.allclose(a[perms[i][0]], (2.5 - torch.arange(10.0)) / 10)
+
+
+def test_auto_mask_init_starts_from_the_layer_sensitivity():
+    mods = _split(epochs=4, mask_init="auto", alpha=1.0)
+    h = mods.options["history"]
+    assert mods.options["init_ratios"] == "auto" and "sensitivity" in mods.options
+    assert h[0]["phase"] == "head" and h[0]["kept"] < 1.0  # masks start thinned, not all ones
+    assert mods.stats["composed_acc"] == 100.0
 
 
 def test_heads_travel_with_the_modules_file(planted_split, tmp_path):
@@ -224,7 +261,7 @@ def _argv(root, ckpt, out, *extra):
         "--dataset", "torch/cifar10", "--data-dir", str(root), "--val-from-train", "0.5",
         "--classes", "0", "1", "2", "--search", "gradient", "--head-epochs", "1",
         "--images-per-epoch", "16", "--val-images", "15", "--output", str(out),
-        "--experiment", "run", "--no-progress", *extra,
+        "--experiment", "run", "--no-progress", "--min-confidence", "0", *extra,
     ]  # fmt: skip
 
 
@@ -234,8 +271,9 @@ def test_md_doctor_split_gradient_run_and_resume(cifar10_root, strong, tmp_path,
     assert "epoch 3/3 [mask]" in out and "composed 3-module accuracy" in out
     assert "chosen epoch" in out
     run = tmp_path / "run"
-    for f in ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log"):
-        assert (run / f).is_file(), f
+    for f in ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log",
+              "sensitivity.csv", "sensitivity.png"):  # fmt: skip
+        assert (run / f).is_file(), f  # the default --mask-init auto runs the sensitivity
     model = timm.create_model("simcnn_weak", num_classes=10, width=8)
     load_weights(model, strong)
     mods = SplitModules.load(run / "modules.safetensors", model)
@@ -256,6 +294,9 @@ def test_md_doctor_split_gradient_run_and_resume(cifar10_root, strong, tmp_path,
         (["--search", "gradient", "--target-kernels", "0"], "--target-kernels must be in (0, 1]"),
         (["--search", "gradient", "--mask-lr", "0"], "--mask-lr and --head-lr must be > 0"),
         (["--search", "grad"], "invalid choice"),
+        (["--search", "gradient", "--init-ratios", "0.5"], "numeric --init-ratios are the GA's"),
+        (["--search", "gradient", "--mask-init", "ones", "--sensitivity-images", "50"],
+         "--sensitivity-images does not apply to --search gradient --mask-init ones"),
     ],
 )  # fmt: skip
 def test_bad_flag_combinations_are_one_line(capsys, extra, words):

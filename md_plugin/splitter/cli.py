@@ -56,7 +56,7 @@ from ..errors import ConfigError, MDError
 from ..files import atomic_write, atomic_write_text
 from ..rundir import RunDirLock, prepare_run_dir
 from .calibrate import CALIBRATION_MODES, CalibrationConfig
-from .gradsearch import GradConfig
+from .gradsearch import MASK_INITS, GradConfig
 from .search import SearchConfig
 from .sensitivity import SensitivityTable, plot_sensitivity
 from .split import SensitivityConfig, modularize, stratified_subset
@@ -140,9 +140,10 @@ def create_split_parser() -> argparse.ArgumentParser:
                     help="weight of the kept-kernel fraction in the loss")  # fmt: skip
     gr.add_argument("--target-kernels", type=float, default=dg.target_kernels,
                     help="penalise only each module's kept fraction above this, in (0, 1]")  # fmt: skip
-    gr.add_argument("--mask-init", default=dg.mask_init, choices=["ones", "importance"],
-                    help="starting mask values: ones (GradSplitter) or ranked by CNNSplitter's "
-                    "per-class importance (least important first to go)")  # fmt: skip
+    gr.add_argument("--mask-init", default=dg.mask_init, choices=list(MASK_INITS),
+                    help="starting mask values: auto (each class's most important channels on, "
+                    "as many as --init-ratios auto's sensitivity keeps), ones (GradSplitter) or "
+                    "importance (all on, ranked by CNNSplitter's per-class importance)")  # fmt: skip
     gr.add_argument("--select-tolerance", type=float, default=dg.select_tolerance,
                     help="the chosen epoch: fewest kernels within this many points of the strong "
                     "model's validation accuracy")  # fmt: skip
@@ -251,22 +252,31 @@ def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | Non
 
 
 _GA_ONLY = ("generations", "population", "mutation", "parents_frac", "keep_frac", "alpha", "gamma",
-            "init_ratios", "init_ratios_sensitive", "sensitive_fraction", "sensitivity_images",
-            "sensitivity_tolerance", "eval_mode")  # fmt: skip
+            "init_ratios_sensitive", "sensitive_fraction", "eval_mode")  # fmt: skip
+_SENSITIVITY = ("sensitivity_images", "sensitivity_tolerance")
 _GRADIENT_ONLY = ("epochs", "head_epochs", "images_per_epoch", "mask_lr", "head_lr",
                   "kernel_alpha", "target_kernels", "mask_init", "select_tolerance")  # fmt: skip
 
 
 def _check_search_flags(args: argparse.Namespace) -> None:
-    """A flag of the other search, set away from its default, is one line."""
+    """A flag of the other search (or of the sensitivity a run skips), set away from its
+    default, is one line; so are numeric --init-ratios with the sensitivity's mask init."""
     parser = create_split_parser()
     other = _GA_ONLY if args.search == "gradient" else _GRADIENT_ONLY
+    if args.search == "gradient" and args.mask_init != "auto":
+        other = other + ("init_ratios", *_SENSITIVITY)
+    if args.search == "gradient" and args.mask_init == "auto" and _init_ratios(args)[0] != "auto":
+        raise ConfigError(
+            "--search gradient starts its masks from --init-ratios auto (the layer sensitivity) "
+            "or from --mask-init ones|importance; numeric --init-ratios are the GA's"
+        )
     given = [k for k in other if getattr(args, k) != parser.get_default(k)]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise ConfigError(
-            f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --search {args.search}"
-        )
+        what = f"--search {args.search}"
+        if args.search == "gradient" and args.mask_init != "auto":
+            what += f" --mask-init {args.mask_init}"
+        raise ConfigError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to {what}")
 
 
 def _grad_config(args: argparse.Namespace) -> GradConfig:

@@ -50,7 +50,12 @@ __all__ = [
     "refit_heads",
     "run_gradient_search",
     "schedule",
+    "sensitivity_init",
 ]
+
+# auto: from the layer sensitivity's keep ratios (--init-ratios auto); ones: GradSplitter's;
+# importance: CNNSplitter's per-class importance ranks, all channels on
+MASK_INITS = ("auto", "ones", "importance")
 
 _logger = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -72,7 +77,7 @@ class GradConfig:
     alpha: float = 0.1
     target_kernels: float | None = None
     target_mode: str = "above"
-    mask_init: str = "ones"
+    mask_init: str = "auto"
     val_images: int = 500
     select_tolerance: float = 1.0
     seed: int = 0
@@ -88,7 +93,7 @@ class GradConfig:
             (self.mask_lr > 0 and self.head_lr > 0, "--mask-lr and --head-lr must be > 0"),
             (self.alpha >= 0, f"--kernel-alpha must be >= 0, got {self.alpha}"),
             (t is None or 0 < t <= 1, f"--target-kernels must be in (0, 1], got {t}"),
-            (self.mask_init in ("ones", "importance"), "--mask-init must be ones|importance"),
+            (self.mask_init in MASK_INITS, f"--mask-init must be one of {'|'.join(MASK_INITS)}"),
             (self.val_images >= 2, f"--val-images must be >= 2, got {self.val_images}"),
             (self.select_tolerance >= 0, "--select-tolerance must be >= 0"),
             (self.eval_batch_size >= 1, "--batch-size must be >= 1"),
@@ -504,6 +509,23 @@ def importance_init(
     return torch.stack(rows)
 
 
+def sensitivity_init(sg: Any, imp: Any, num_modules: int, ratios: Sequence[float]) -> torch.Tensor:
+    """[M, K] starting values from the layer sensitivity: in group g each module's channels,
+    ranked by its class's importance, start at ``r_g - (i + 0.5) / C``, so exactly the top
+    ``round(r_g * C)`` are on (at least one) and the next ones to go are those ranked lowest."""
+    rows = []
+    for i in range(num_modules):
+        per = []
+        for g, (grp, r) in enumerate(zip(sg.groups, ratios)):
+            c = grp.channels
+            keep = max(1, int(round(r * c)))
+            v = torch.empty(c)
+            v[imp.order(i, g)] = (keep - 0.5 - torch.arange(c, dtype=torch.float32)) / c
+            per.append(v)
+        rows.append(torch.cat(per))
+    return torch.stack(rows)
+
+
 def gradient_modules(
     model: torch.nn.Module,
     sg: Any,
@@ -519,12 +541,14 @@ def gradient_modules(
     log: Callable[[str], None] | None = None,
     device: torch.device | str = "cpu",
     min_confidence: float = 0.9,
+    init: torch.Tensor | None = None,
 ):
     """The gradient search, as bound :class:`~.modules.SplitModules` with heads (not measured).
 
     ``x``, ``y``: the validation images of ``classes`` (labels in the model's output space);
     ``val_index`` the ones that choose the epoch; ``train_loader`` the training images the masks
-    learn on (:meth:`TrainPool.from_loader`). Called by :func:`~.split.modularize`.
+    learn on (:meth:`TrainPool.from_loader`); ``init`` the starting values of
+    ``cfg.mask_init='auto'`` (:func:`sensitivity_init`). Called by :func:`~.split.modularize`.
     """
     from .bank import ModuleBank
     from .head import HEAD_HIDDEN
@@ -539,7 +563,10 @@ def gradient_modules(
     channels = [g.channels for g in sg.groups]
     weight = torch.cat([torch.full((g.channels,), float(g.kernels)) for g in sg.groups])
     bank = ModuleBank(sg).to(device)
-    init = None
+    if cfg.mask_init == "auto" and init is None:
+        raise ConfigError("mask_init 'auto' starts from the layer sensitivity: pass its init")
+    if cfg.mask_init != "auto":
+        init = None
     if cfg.mask_init == "importance":
         init = importance_init(sg, x, y, classes, min_confidence, cfg.eval_batch_size, device)
     log(

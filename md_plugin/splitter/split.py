@@ -25,7 +25,7 @@ from ..errors import ConfigError, MDError
 from .bank import ModuleBank
 from .calibrate import CalibrationConfig, calibrate_modules
 from .encoding import GeneLayout, create_gene_layout
-from .gradsearch import GradConfig, gradient_modules, refit_heads
+from .gradsearch import GradConfig, gradient_modules, refit_heads, sensitivity_init
 from .groups import SplitGraph, create_split_graph
 from .importance import compute_importance
 from .modules import SplitModules, create_split_modules
@@ -131,18 +131,19 @@ def _sensitivity_stage(
     x: torch.Tensor,
     y: torch.Tensor,
     classes: list[int],
-    cfg: SearchConfig,
+    seed: int,
+    batch_size: int,
     sens: SensitivityConfig,
     device: torch.device | str,
     progress: bool,
     log: Callable[[str], None],
-) -> tuple[SearchConfig, SensitivityTable]:
-    """Layer sensitivity on a held-out subset; the GA config with per-group init ratios."""
-    sub = stratified_subset(y, classes, sens.images, cfg.seed + 1)  # not the fitness subset
+) -> tuple[list[list[float]], SensitivityTable]:
+    """Layer sensitivity on a held-out subset; each group's initial keep ratios."""
+    sub = stratified_subset(y, classes, sens.images, seed + 1)  # not the fitness subset
     row = {c: i for i, c in enumerate(classes)}
     rows = torch.tensor([row[int(v)] for v in y[sub]])
     bank = ModuleBank(sg).to(device)
-    table = layer_sensitivity(bank, layout, x[sub], rows, classes, batch_size=min(50, cfg.batch_size),
+    table = layer_sensitivity(bank, layout, x[sub], rows, classes, batch_size=min(50, batch_size),
                               log=log, progress=progress)  # fmt: skip
     ratios = choose_init_ratios(table, sens.tolerance)
     log(
@@ -152,7 +153,31 @@ def _sensitivity_stage(
             f"{g.name} {'/'.join(f'{r:.1f}' for r in rs)}" for g, rs in zip(sg.groups, ratios)
         )
     )
-    return dataclasses.replace(cfg, group_ratios=tuple(tuple(r) for r in ratios)), table
+    return ratios, table
+
+
+def _importance_stage(
+    sg: SplitGraph,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[int],
+    min_confidence: float,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[Any, GeneLayout]:
+    """Per-class channel importance on the held-out images, and the gene layout of its ranks."""
+    batches = list(zip(x.split(batch_size), y.split(batch_size)))
+    t0 = time.perf_counter()
+    imp = compute_importance(sg, batches, classes, min_confidence, device, progress)
+    log(
+        f"importance: {len(x)} validation images, confident per class "
+        f"{dict(zip(classes, imp.counts))}; {len(sg.groups)} channel groups "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    orders = [[imp.order(i, g) for g in range(len(sg.groups))] for i in range(len(classes))]
+    return imp, create_gene_layout(sg.num_channels, orders)
 
 
 def modularize(
@@ -209,23 +234,18 @@ def modularize(
     timings = StageTimings()
     if isinstance(cfg, GradConfig):
         return _gradient_split(model, sg, loader, classes, cfg, calibration, train_loader, timings,
-                               min_confidence, state_path, device, progress, log)  # fmt: skip
+                               min_confidence, sens, state_path, device, progress, log)  # fmt: skip
+    x, y = collect_images(loader, classes)
+    batches = list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size)))
     with timings.stage("importance"):
-        x, y = collect_images(loader, classes)
-        batches = list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size)))
-        imp = compute_importance(sg, batches, classes, min_confidence, device, progress)
-    log(
-        f"importance: {len(x)} validation images, confident per class "
-        f"{dict(zip(classes, imp.counts))}; {len(sg.groups)} channel groups "
-        f"({timings['importance_s']:.0f} s)"
-    )
-    orders = [[imp.order(i, g) for g in range(len(sg.groups))] for i in range(len(classes))]
-    layout = create_gene_layout(sg.num_channels, orders)
+        imp, layout = _importance_stage(sg, x, y, classes, min_confidence, cfg.batch_size,
+                                        device, progress, log)  # fmt: skip
     table = None
     if init_ratios == "auto":
         with timings.stage("sensitivity"):
-            cfg, table = _sensitivity_stage(sg, layout, x, y, classes, cfg, sens, device,
-                                            progress, log)  # fmt: skip
+            ratios, table = _sensitivity_stage(sg, layout, x, y, classes, cfg.seed, cfg.batch_size,
+                                               sens, device, progress, log)  # fmt: skip
+        cfg = dataclasses.replace(cfg, group_ratios=tuple(tuple(r) for r in ratios))
         log(f"sensitivity: {timings['sensitivity_s']:.0f} s")
     with timings.stage("search"):
         result = _search_stage(sg, layout, x, y, classes, cfg, state_path, device, progress, log)
@@ -279,21 +299,38 @@ def _gradient_split(
     train_loader: Iterable | None,
     timings: StageTimings,
     min_confidence: float,
+    sens: SensitivityConfig,
     state_path: str | None,
     device: torch.device | str,
     progress: bool,
     log: Callable[[str], None],
 ) -> SplitModules:
-    """``modularize`` with the gradient search (:mod:`.gradsearch`) instead of the GA."""
+    """``modularize`` with the gradient search (:mod:`.gradsearch`) instead of the GA. With
+    ``mask_init='auto'`` the masks start from the layer sensitivity's keep ratios
+    (:func:`~.gradsearch.sensitivity_init`)."""
     if train_loader is None:
         raise ConfigError("the gradient search learns on training images: pass train_loader")
     x, y = collect_images(loader, classes)
+    bs = cfg.eval_batch_size
+    init, table = None, None
+    if cfg.mask_init == "auto":
+        with timings.stage("importance"):
+            imp, layout = _importance_stage(sg, x, y, classes, min_confidence, bs, device,
+                                            progress, log)  # fmt: skip
+        with timings.stage("sensitivity"):
+            ratios, table = _sensitivity_stage(sg, layout, x, y, classes, cfg.seed, bs, sens,
+                                               device, progress, log)  # fmt: skip
+        init = sensitivity_init(sg, imp, len(classes), [r[0] for r in ratios])
+        log(f"sensitivity: {timings['sensitivity_s']:.0f} s; the masks start at each group's "
+            "smallest ratio")  # fmt: skip
     with timings.stage("search"):
         sub = stratified_subset(y, classes, cfg.val_images, cfg.seed)
         mods = gradient_modules(model, sg, classes, x, y, sub, train_loader, cfg,
                                 state_path=state_path, progress=progress, log=log, device=device,
-                                min_confidence=min_confidence)  # fmt: skip
-    bs = cfg.eval_batch_size
+                                min_confidence=min_confidence, init=init)  # fmt: skip
+    mods.options["init_ratios"] = "auto" if table is not None else cfg.mask_init
+    if table is not None:
+        mods.options["sensitivity"] = table.to_dict()
     batches = list(zip(x.split(bs), y.split(bs)))
     return _calibrate_and_measure(mods, batches, calibration, train_loader, timings, device, log)
 
@@ -323,6 +360,11 @@ def _check_settings(
     calibration.validate()
     if init_ratios not in ("auto", "fixed"):
         raise ConfigError(f"init_ratios must be 'auto' or 'fixed', got {init_ratios!r}")
+    if isinstance(cfg, GradConfig) and cfg.mask_init == "auto" and init_ratios != "auto":
+        raise ConfigError(
+            "the gradient search starts from the layer sensitivity (--init-ratios auto) or from "
+            "--mask-init ones|importance; numeric --init-ratios are the GA's forward-order rule"
+        )
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {min_confidence}")
     if calibration.mode != "none" and train_loader is None:
