@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_save
 from ..errors import ConfigError, MDError
 from .encoding import GeneLayout
 from .extract import extract_module
@@ -216,12 +217,6 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    from ..checkpoint import atomic_save
-
-    atomic_save(obj, path)
-
-
 def _state_signature(layout: GeneLayout, cfg: SearchConfig, classes: Sequence[int]) -> dict:
     sig = asdict(cfg)
     sig.pop("generations")  # extending a finished search is allowed
@@ -233,6 +228,142 @@ def _state_signature(layout: GeneLayout, cfg: SearchConfig, classes: Sequence[in
     sig["genes"] = list(layout.genes)
     sig["classes"] = list(classes)
     return sig
+
+
+def _load_state(state_path: Path, sig: dict, log: Callable[[str], None]) -> dict[str, Any]:
+    """The saved state of this very search (same signature), or one line saying why not."""
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise MDError(f"cannot read search state {state_path}: {e}") from None
+    if not isinstance(state, dict) or state.get("signature") != sig:
+        raise MDError(
+            f"search state {state_path} belongs to another search (different classes, "
+            "model groups or GA settings); use a new output folder"
+        )
+    log(f"resuming the search from generation {state['generation']}")
+    return state
+
+
+def _new_state(layout: GeneLayout, cfg: SearchConfig, sig: dict, n: int) -> dict[str, Any]:
+    """Generation 0: every class starts from the same seeded initial bits."""
+    rng = np.random.default_rng(cfg.seed)
+    init = init_population(layout, cfg, rng)
+    return dict(
+        version=STATE_VERSION,
+        signature=sig,
+        generation=0,
+        pops=np.stack([init.copy() for _ in range(n)]),
+        rng=rng.bit_generator.state,
+        acc_prev=0.0,
+        best=None,
+        history=[],
+    )
+
+
+class _SolutionScores:
+    """Own-class logits and kernel sets per (class, genes), evaluated once per solution.
+
+    The GA keeps the top solutions unchanged, so most of a generation was already evaluated;
+    entries of solutions that left the population are dropped each generation.
+    """
+
+    def __init__(self, layout: GeneLayout, evaluator: ModuleEvaluator):
+        self.layout, self.evaluator = layout, evaluator
+        # kernels each kernel-set entry stands for (its group's kernels per channel)
+        self.weight = np.concatenate(
+            [np.full(g.channels, float(g.kernels)) for g in evaluator.sg.groups]
+        )
+        self._cache: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, pops: np.ndarray, n_val: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``pops`` [N, P, genes] -> own logits [N, P, V] and N kernel sets [P, T]."""
+        n, population = pops.shape[:2]
+        own = np.empty((n, population, n_val), dtype=np.float32)
+        kernels, kept = [], {}
+        for c in range(n):
+            ks = np.empty((population, len(self.weight)), dtype=bool)
+            for p in range(population):
+                key = (c, pops[c, p].tobytes())
+                if key not in self._cache:
+                    masks = self.layout.decode(c, pops[c, p])
+                    self._cache[key] = (
+                        self.evaluator.own_logits(c, masks),
+                        torch.cat(masks).numpy(),
+                    )
+                kept[key] = self._cache[key]
+                own[c, p], ks[p] = self._cache[key]
+            kernels.append(ks)
+        self._cache = kept
+        return own, kernels
+
+
+def _generation_record(
+    gen: int,
+    own: np.ndarray,
+    kernels: list[np.ndarray],
+    weight: np.ndarray,
+    y: np.ndarray,
+    fitness: np.ndarray,
+    cfg: SearchConfig,
+) -> dict[str, Any]:
+    """The generation's best ensemble (per-class argmax of fitness) scored on the val subset:
+    accuracy, diversity, alpha * acc + (1 - alpha) * div, the mean share of kernels kept."""
+    best_idx = fitness.argmax(1)
+    acc, div = score_ensemble(own, kernels, weight, y, best_idx)
+    val_fit = cfg.alpha * acc + (1 - cfg.alpha) * div
+    kept = float(
+        np.mean([(kernels[c][i] * weight).sum() / weight.sum() for c, i in enumerate(best_idx)])
+    )
+    return dict(generation=gen, acc=acc, div=div, val_fitness=val_fit, kernels=kept,
+                mean_fitness=float(fitness.mean()))  # fmt: skip
+
+
+def _keep_best(
+    state: dict[str, Any], rec: dict[str, Any], pops: np.ndarray, best_idx: np.ndarray
+) -> None:
+    """Remember the generation's ensemble if it beats every earlier one on the val fitness."""
+    best = state["best"]
+    if best is None or rec["val_fitness"] > best["val_fitness"]:
+        genes = np.stack([pops[c, i] for c, i in enumerate(best_idx)])
+        state["best"] = dict(generation=rec["generation"], val_fitness=rec["val_fitness"],
+                             acc=rec["acc"], div=rec["div"], genes=genes)  # fmt: skip
+
+
+def _generation_line(rec: dict[str, Any], best: dict[str, Any], generations: int) -> str:
+    return (
+        f"gen {rec['generation'] + 1}/{generations}: composed acc {100 * rec['acc']:.2f}% "
+        f"diversity {100 * rec['div']:.2f}% kernels kept {100 * rec['kernels']:.1f}% (best gen "
+        f"{best['generation'] + 1}: {100 * best['acc']:.2f}%) {rec['seconds']:.1f} s"
+    )
+
+
+def _step(
+    state: dict[str, Any],
+    scores: _SolutionScores,
+    y: np.ndarray,
+    cfg: SearchConfig,
+    rng: np.random.Generator,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """One generation: evaluate, score the classes together, record, breed. Updates ``state``
+    (population, generation, RNG state, best, history) and returns the generation's record."""
+    t0 = time.perf_counter()
+    gen, pops = state["generation"], state["pops"]
+    own, kernels = scores(pops, len(y))
+    w = cfg.alpha + max(0.0, cfg.gamma - state["acc_prev"])
+    lo, hi = cfg.prune_bounds
+    fitness, _ = pruning_evaluation(own, kernels, scores.weight, y, rng, w, cfg.alpha, lo, hi)
+    rec = _generation_record(gen, own, kernels, scores.weight, y, fitness, cfg)
+    state["history"].append(rec)
+    _keep_best(state, rec, pops, fitness.argmax(1))
+    state["acc_prev"] = rec["acc"]
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    log(_generation_line(rec, state["best"], cfg.generations))
+    state["pops"] = np.stack([next_population(p, f, cfg, rng) for p, f in zip(pops, fitness)])
+    state["generation"] = gen + 1
+    state["rng"] = rng.bit_generator.state
+    return rec
 
 
 def run_search(
@@ -252,38 +383,15 @@ def run_search(
     cfg.validate()
     log = log or _logger.info
     n = len(evaluator.classes)
-    weight = np.concatenate([np.full(g.channels, float(g.kernels)) for g in evaluator.sg.groups])
     sig = _state_signature(layout, cfg, evaluator.classes)
     state_path = Path(state_path) if state_path else None
-    state: dict[str, Any] | None = None
     if state_path is not None and state_path.exists():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise MDError(f"cannot read search state {state_path}: {e}") from None
-        if not isinstance(state, dict) or state.get("signature") != sig:
-            raise MDError(
-                f"search state {state_path} belongs to another search (different classes, "
-                "model groups or GA settings); use a new output folder"
-            )
-        log(f"resuming the search from generation {state['generation']}")
-    if state is None:
-        rng = np.random.default_rng(cfg.seed)
-        init = init_population(layout, cfg, rng)  # all classes start from the same bits
-        state = dict(
-            version=STATE_VERSION,
-            signature=sig,
-            generation=0,
-            pops=np.stack([init.copy() for _ in range(n)]),
-            rng=rng.bit_generator.state,
-            acc_prev=0.0,
-            best=None,
-            history=[],
-        )
+        state = _load_state(state_path, sig, log)
+    else:
+        state = _new_state(layout, cfg, sig, n)
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
-    pops: np.ndarray = state["pops"]
-    cache: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
+    scores = _SolutionScores(layout, evaluator)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -291,57 +399,14 @@ def run_search(
         bar = tqdm(total=cfg.generations, initial=state["generation"], desc="split search",
                    dynamic_ncols=True)  # fmt: skip
     try:
-        for gen in range(state["generation"], cfg.generations):
-            t0 = time.perf_counter()
-            own = np.empty((n, cfg.population, len(y)), dtype=np.float32)
-            kernels = []
-            new_cache = {}
-            for c in range(n):
-                ks = np.empty((cfg.population, len(weight)), dtype=bool)
-                for p in range(cfg.population):
-                    key = (c, pops[c, p].tobytes())
-                    if key not in cache:
-                        masks = layout.decode(c, pops[c, p])
-                        cache[key] = (evaluator.own_logits(c, masks), torch.cat(masks).numpy())
-                    new_cache[key] = cache[key]
-                    own[c, p], ks[p] = cache[key]
-                kernels.append(ks)
-            cache = new_cache
-            w = cfg.alpha + max(0.0, cfg.gamma - state["acc_prev"])
-            lo, hi = cfg.prune_bounds
-            fitness, _ = pruning_evaluation(own, kernels, weight, y, rng, w, cfg.alpha, lo, hi)
-            best_idx = fitness.argmax(1)
-            acc, div = score_ensemble(own, kernels, weight, y, best_idx)
-            val_fit = cfg.alpha * acc + (1 - cfg.alpha) * div
-            kept = float(
-                np.mean([(kernels[c][best_idx[c]] * weight).sum() / weight.sum() for c in range(n)])
-            )
-            rec = dict(generation=gen, acc=acc, div=div, val_fitness=val_fit, kernels=kept,
-                       mean_fitness=float(fitness.mean()))  # fmt: skip
-            state["history"].append(rec)
-            best = state["best"]
-            if best is None or val_fit > best["val_fitness"]:
-                genes = np.stack([pops[c, best_idx[c]] for c in range(n)])
-                state["best"] = dict(generation=gen, val_fitness=val_fit, acc=acc, div=div,
-                                     genes=genes)  # fmt: skip
-            state["acc_prev"] = acc
-            rec["seconds"] = round(time.perf_counter() - t0, 2)
-            log(
-                f"gen {gen + 1}/{cfg.generations}: composed acc {100 * acc:.2f}% diversity "
-                f"{100 * div:.2f}% kernels kept {100 * kept:.1f}% (best gen "
-                f"{state['best']['generation'] + 1}: {100 * state['best']['acc']:.2f}%) "
-                f"{rec['seconds']:.1f} s"
-            )
-            pops = np.stack([next_population(pops[c], fitness[c], cfg, rng) for c in range(n)])
-            state["pops"] = pops
-            state["generation"] = gen + 1
-            state["rng"] = rng.bit_generator.state
+        while state["generation"] < cfg.generations:
+            rec = _step(state, scores, y, cfg, rng, log)
             if state_path is not None:
-                _atomic_torch_save(state, state_path)
+                atomic_save(state, state_path)  # a killed search resumes from here
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(acc=f"{100 * acc:.1f}", div=f"{100 * div:.1f}",
-                                kept=f"{100 * kept:.0f}%")  # fmt: skip
+                bar.set_postfix(acc=f"{100 * rec['acc']:.1f}", div=f"{100 * rec['div']:.1f}",
+                                kept=f"{100 * rec['kernels']:.0f}%")  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
