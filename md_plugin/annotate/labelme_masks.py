@@ -356,6 +356,85 @@ def _write_mask(target: Path, mask: np.ndarray) -> None:
     atomic_write(target, lambda f: image.save(f, format="PNG"))
 
 
+def _check_folders(ann: Path, out: Path, dataset_size: int | None) -> None:
+    """The annotation and mask folders and the dataset size, before anything is read."""
+    if not ann.is_dir():
+        raise DataError(f"annotation folder not found: {ann}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"mask folder {out} exists and is not a folder")
+    if out.resolve() == ann.resolve():
+        raise ConfigError(
+            "write masks to a folder other than the labelme workspace "
+            "(labelme would list the mask images as images to annotate)"
+        )
+    if dataset_size is not None and dataset_size <= 0:
+        raise ConfigError(f"dataset_size must be positive, got {dataset_size}")
+
+
+def _annotation_files(ann: Path) -> list[Path]:
+    """The labelme JSON files in name order (not the workspace's own files); none: a warning."""
+    files = [p for p in sorted(ann.glob("*.json")) if p.name not in _OWN_JSON and p.is_file()]
+    if not files:
+        warnings.warn(
+            f"{ann} holds no labelme JSON file: no mask written (annotate the images with "
+            "labelme first; it saves <image>.json beside each image)",
+            MaskWarning,
+            stacklevel=3,
+        )
+    return files
+
+
+def _load_documents(files: list[Path], report: MaskReport) -> dict[Path, dict[str, Any]]:
+    """Every readable labelme document, without its embedded image; the others skipped."""
+    docs: dict[Path, dict[str, Any]] = {}
+    for path in files:
+        try:
+            docs[path] = _load(path)
+        except _Skip as e:
+            _warn(report.skipped, path.name, str(e))
+        else:
+            docs[path].pop("imageData", None)  # the embedded image is not used: free it
+    return docs
+
+
+@dataclass
+class _Conversion:
+    """One ``labelme_to_masks`` call: its settings, and the indices converted so far."""
+
+    out: Path
+    rows: dict[str, dict[str, Any]] | None
+    dataset_size: int | None
+    overwrite: bool
+    foreground: set[str] | None
+    utils: tuple[Callable, Callable]
+    report: MaskReport
+    done: dict[int, str] = field(default_factory=dict)
+
+    def mask_of(self, path: Path, doc: dict[str, Any]) -> tuple[int, Path, np.ndarray]:
+        """(dataset index, mask file, mask at the dataset size) of one document, or
+        :class:`_Skip` with the reason."""
+        index, dataset_hw = _resolve(path, doc, self.rows)
+        if self.dataset_size is not None and index >= self.dataset_size:
+            raise _Skip(f"index {index} is outside the dataset (size {self.dataset_size})")
+        if index in self.done:
+            raise _Skip(f"index {index} was already converted from {self.done[index]}")
+        target = self.out / mask_file_name(index)
+        if target.exists() and not self.overwrite and target.stat().st_size > 0:
+            raise _Skip(f"{target.name} already exists (pass overwrite to replace it)")
+        mask = _rasterise(path, doc, self.foreground, self.report, self.utils)
+        if dataset_hw is not None:
+            mask = _to_dataset_size(mask, dataset_hw)
+            if not mask.any():
+                raise _Skip("mask vanishes at the dataset image size")
+        return index, target, mask
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """``masks.json``: every mask of the folder, by index."""
+    ordered = dict(sorted(summary.items(), key=lambda kv: int(kv[0])))
+    atomic_write_text(out / SUMMARY_FILE, json.dumps({"version": 1, "masks": ordered}, indent=1))
+
+
 def labelme_to_masks(
     annotations_dir: str | Path,
     out_dir: str | Path,
@@ -388,65 +467,32 @@ def labelme_to_masks(
     utils = _labelme_utils()
     ann = Path(annotations_dir).expanduser()
     out = Path(out_dir).expanduser()
-    if not ann.is_dir():
-        raise DataError(f"annotation folder not found: {ann}")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"mask folder {out} exists and is not a folder")
-    if out.resolve() == ann.resolve():
-        raise ConfigError(
-            "write masks to a folder other than the labelme workspace "
-            "(labelme would list the mask images as images to annotate)"
-        )
-    if dataset_size is not None and dataset_size <= 0:
-        raise ConfigError(f"dataset_size must be positive, got {dataset_size}")
-    foreground = set(foreground_labels) if foreground_labels is not None else None
-    rows = read_index(ann) if (ann / "index.csv").is_file() else None
-    files = [p for p in sorted(ann.glob("*.json")) if p.name not in _OWN_JSON and p.is_file()]
-    if not files:
-        warnings.warn(
-            f"{ann} holds no labelme JSON file: no mask written (annotate the images with "
-            "labelme first; it saves <image>.json beside each image)",
-            MaskWarning,
-            stacklevel=2,
-        )
-
-    report = MaskReport()
+    _check_folders(ann, out, dataset_size)
+    job = _Conversion(
+        out=out,
+        rows=read_index(ann) if (ann / "index.csv").is_file() else None,
+        dataset_size=dataset_size,
+        overwrite=overwrite,
+        foreground=set(foreground_labels) if foreground_labels is not None else None,
+        utils=utils,
+        report=MaskReport(),
+    )
+    files = _annotation_files(ann)
     out.mkdir(parents=True, exist_ok=True)
     summary = _read_summary(out)
-    docs: dict[Path, dict[str, Any]] = {}
-    for path in files:
-        try:
-            docs[path] = _load(path)
-        except _Skip as e:
-            _warn(report.skipped, path.name, str(e))
-        else:
-            docs[path].pop("imageData", None)  # the embedded image is not used: free it
+    docs = _load_documents(files, job.report)
     claimed = _claims(docs)
-    done: dict[int, str] = {}
     for path, doc in docs.items():
         try:
             if path in claimed:
                 raise _Skip(claimed[path])
-            index, dataset_hw = _resolve(path, doc, rows)
-            if dataset_size is not None and index >= dataset_size:
-                raise _Skip(f"index {index} is outside the dataset (size {dataset_size})")
-            if index in done:
-                raise _Skip(f"index {index} was already converted from {done[index]}")
-            target = out / mask_file_name(index)
-            if target.exists() and not overwrite and target.stat().st_size > 0:
-                raise _Skip(f"{target.name} already exists (pass overwrite to replace it)")
-            mask = _rasterise(path, doc, foreground, report, utils)
+            index, target, mask = job.mask_of(path, doc)
         except _Skip as e:
-            _warn(report.skipped, path.name, str(e))
+            _warn(job.report.skipped, path.name, str(e))
             continue
-        if dataset_hw is not None:
-            mask = _to_dataset_size(mask, dataset_hw)
-            if not mask.any():
-                _warn(report.skipped, path.name, "mask vanishes at the dataset image size")
-                continue
         _write_mask(target, mask)
-        done[index] = path.name
-        report.written.append(index)
+        job.done[index] = path.name
+        job.report.written.append(index)
         summary[str(index)] = {
             "file": target.name,
             "height": int(mask.shape[0]),
@@ -454,10 +500,6 @@ def labelme_to_masks(
             "foreground_pixels": int(mask.sum()),
             "source": path.name,
         }
-
-    if report.written:
-        ordered = dict(sorted(summary.items(), key=lambda kv: int(kv[0])))
-        atomic_write_text(
-            out / SUMMARY_FILE, json.dumps({"version": 1, "masks": ordered}, indent=1)
-        )
-    return report
+    if job.report.written:
+        _write_summary(out, summary)
+    return job.report
