@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -398,30 +399,30 @@ def overlay_limits(
     return vmax, robust_limit(np.concatenate([a - before for a in after]), percentile)
 
 
-def plot_gradient_overlays(
-    path: str | Path,
+@dataclass
+class _Overlays:
+    """What :func:`plot_gradient_overlays` draws: the images and their row labels, each map
+    panel as shares upsampled to the image size, the difference (after - before, or None), and
+    the colour limits."""
+
+    images: np.ndarray  # [N, H, W(, 3)] in [0, 1]
+    row_labels: list[str]  # true class, and the change in total gradient mass when known
+    panels: list[tuple[str, np.ndarray]]  # ("before treatment", [N, H, W]), (after, ...)
+    diff: np.ndarray | None
+    vmax: float
+    dlim: float
+
+
+def _overlay_maps(
     images: np.ndarray,
     class_names: Sequence[str],
     labels: Sequence[int],
     maps_before: np.ndarray,
-    maps_after: np.ndarray | None = None,
-    *,
-    percentile: float = 99.0,
-    limits: tuple[float, float] | None = None,
-) -> Path:
-    """One row per sample: the image, its true-class gradient map before (and after) treatment,
-    and with both a difference panel (after - before).
-
-    ``images`` are [N, H, W, 3] (or [N, H, W] grey) floats in [0, 1]; maps are [N, h, w],
-    non-negative, at any scale (raw gradients are best: the row label then gives the change in
-    total gradient mass). Each map is shown as its share of its own total (where the gradient
-    sits, not how large it is), upsampled bilinearly to H x W, in a perceptually uniform colormap
-    (magma) whose limit is the ``percentile``-th percentile of all shown map values, shared by
-    before and after so they compare directly. The difference panel uses a diverging colormap
-    (red = gained share, blue = lost), symmetric at the ``percentile``-th percentile of |diff|.
-    ``limits`` = (map limit, difference limit) replaces both, so that several figures share one
-    colour scale (:func:`overlay_limits` computes them over all their maps).
-    """
+    maps_after: np.ndarray | None,
+    percentile: float,
+    limits: tuple[float, float] | None,
+) -> _Overlays:
+    """Check the inputs and compute every panel and limit (see :func:`plot_gradient_overlays`)."""
     images = np.clip(np.asarray(images, dtype=float), 0, 1)
     labels = np.asarray(labels, dtype=int).reshape(-1)
     raw = [("before treatment", np.asarray(maps_before, dtype=float))]
@@ -449,50 +450,95 @@ def plot_gradient_overlays(
     if limits is not None:
         vmax, dlim = limits
     mass = [m.reshape(n, -1).sum(1) for _, m in raw]
-
-    cols = 1 + len(up) + (diff is not None)
-    fig = Figure(figsize=(2.3 * cols + 0.6, 2.3 * max(n, 1) + 1.5), layout="constrained")
-    axes = fig.subplots(max(n, 1), cols, squeeze=False)
-    im_map = None
+    row_labels = []
     for i in range(n):
-        img = images[i]
-        axes[i, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
         label = names[labels[i]]
         if len(mass) == 2 and mass[0][i] > 0:
             label += f"\ntotal mass x{mass[1][i] / mass[0][i]:.2g}"
-        axes[i, 0].set_ylabel(label, fontsize=9)
+        row_labels.append(label)
+    return _Overlays(images, row_labels, up, diff, vmax, dlim)
+
+
+def _draw_overlay_rows(axes: np.ndarray, ov: _Overlays) -> AxesImage | None:
+    """One row per sample: the image, each map over a faint grey copy, the difference."""
+    im_map = None
+    for i, img in enumerate(ov.images):
+        axes[i, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        axes[i, 0].set_ylabel(ov.row_labels[i], fontsize=9)
         # a faint grey copy under the map keeps the object recognisable
         grey = img if img.ndim == 2 else img @ np.array([0.299, 0.587, 0.114])
-        for j, (_, u) in enumerate(up, start=1):
+        for j, (_, u) in enumerate(ov.panels, start=1):
             axes[i, j].imshow(grey, cmap="gray", vmin=0, vmax=1)
-            im_map = axes[i, j].imshow(u[i], cmap="magma", alpha=0.8, vmin=0, vmax=vmax)
-        if diff is not None:
+            im_map = axes[i, j].imshow(u[i], cmap="magma", alpha=0.8, vmin=0, vmax=ov.vmax)
+        if ov.diff is not None:
             axes[i, -1].imshow(grey, cmap="gray", vmin=0, vmax=1)
-            axes[i, -1].imshow(diff[i], cmap="RdBu_r", alpha=0.85, vmin=-dlim, vmax=dlim)
+            axes[i, -1].imshow(ov.diff[i], cmap="RdBu_r", alpha=0.85, vmin=-ov.dlim, vmax=ov.dlim)
+    return im_map
+
+
+def _overlay_titles_and_bars(
+    fig: Figure, axes: np.ndarray, ov: _Overlays, im_map: AxesImage | None, percentile: float
+) -> None:
+    """Column titles, no ticks, and opaque colour bars (the overlays' transparency would wash
+    them out)."""
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, 0].set_title("image (row label = true class)", fontsize=9)
-    for j, (t, _) in enumerate(up, start=1):
+    for j, (t, _) in enumerate(ov.panels, start=1):
         axes[0, j].set_title(f"true-class gradient,\n{t}", fontsize=9)
-    if diff is not None:
+    if ov.diff is not None:
         axes[0, -1].set_title("after - before\n(red: gained, blue: lost)", fontsize=9)
-    if n:  # opaque colour bars: the overlays' transparency would wash them out
+    if not len(ov.images):
+        return
+    fig.colorbar(
+        ScalarMappable(Normalize(0, ov.vmax), cmap=im_map.cmap if im_map else "magma"),
+        ax=axes[:, 1 : 1 + len(ov.panels)].ravel().tolist(),
+        location="bottom",
+        shrink=0.8,
+        aspect=30,
+        label=f"share of the map's gradient per cell (clipped at the {percentile:g}th pct)",
+    )
+    if ov.diff is not None:
         fig.colorbar(
-            ScalarMappable(Normalize(0, vmax), cmap=im_map.cmap if im_map else "magma"),
-            ax=axes[:, 1 : 1 + len(up)].ravel().tolist(),
+            ScalarMappable(Normalize(-ov.dlim, ov.dlim), cmap="RdBu_r"),
+            ax=axes[:, -1].tolist(),
             location="bottom",
-            shrink=0.8,
-            aspect=30,
-            label=f"share of the map's gradient per cell (clipped at the {percentile:g}th pct)",
+            shrink=0.9,
+            aspect=15,
+            label="change in share",
         )
-        if diff is not None:
-            fig.colorbar(
-                ScalarMappable(Normalize(-dlim, dlim), cmap="RdBu_r"),
-                ax=axes[:, -1].tolist(),
-                location="bottom",
-                shrink=0.9,
-                aspect=15,
-                label="change in share",
-            )
+
+
+def plot_gradient_overlays(
+    path: str | Path,
+    images: np.ndarray,
+    class_names: Sequence[str],
+    labels: Sequence[int],
+    maps_before: np.ndarray,
+    maps_after: np.ndarray | None = None,
+    *,
+    percentile: float = 99.0,
+    limits: tuple[float, float] | None = None,
+) -> Path:
+    """One row per sample: the image, its true-class gradient map before (and after) treatment,
+    and with both a difference panel (after - before).
+
+    ``images`` are [N, H, W, 3] (or [N, H, W] grey) floats in [0, 1]; maps are [N, h, w],
+    non-negative, at any scale (raw gradients are best: the row label then gives the change in
+    total gradient mass). Each map is shown as its share of its own total (where the gradient
+    sits, not how large it is), upsampled bilinearly to H x W, in a perceptually uniform colormap
+    (magma) whose limit is the ``percentile``-th percentile of all shown map values, shared by
+    before and after so they compare directly. The difference panel uses a diverging colormap
+    (red = gained share, blue = lost), symmetric at the ``percentile``-th percentile of |diff|.
+    ``limits`` = (map limit, difference limit) replaces both, so that several figures share one
+    colour scale (:func:`overlay_limits` computes them over all their maps).
+    """
+    ov = _overlay_maps(images, class_names, labels, maps_before, maps_after, percentile, limits)
+    n = len(ov.images)
+    cols = 1 + len(ov.panels) + (ov.diff is not None)
+    fig = Figure(figsize=(2.3 * cols + 0.6, 2.3 * max(n, 1) + 1.5), layout="constrained")
+    axes = fig.subplots(max(n, 1), cols, squeeze=False)
+    im_map = _draw_overlay_rows(axes, ov)
+    _overlay_titles_and_bars(fig, axes, ov, im_map, percentile)
     return _save(fig, path)
