@@ -79,6 +79,7 @@ def test_the_figure_has_a_column_per_panel(tmp_path, after):
          "gradient maps after treatment must be [3, h, w]; got (3, 2)"),
         (IMAGES, ["a", "b"], [0, 1, 2], BEFORE, None, "labels must lie in [0, 2); got 0..2"),
         (IMAGES, ["a", "b"], [-1, 1, 0], BEFORE, None, "labels must lie in [0, 2); got -1..1"),
+        (np.zeros((0, 8, 8, 3)), ["a"], [], np.zeros((0, 2, 2)), None, "no samples to plot"),
     ],
 )  # fmt: skip
 def test_a_malformed_input_is_one_value_error_and_no_file(

@@ -434,6 +434,8 @@ def _overlay_maps(
     for t, m in raw:
         if m.ndim != 3 or m.shape[0] != n:
             raise ValueError(f"gradient maps {t} must be [{n}, h, w]; got {m.shape}")
+    if n == 0:
+        raise ValueError("no samples to plot: give at least one image and its maps")
     names = [str(c) for c in class_names]
     if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
         raise ValueError(
