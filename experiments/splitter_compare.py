@@ -160,7 +160,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tcs", type=int, nargs="+", default=[0, 2, 4])
     ap.add_argument("--runs", nargs="*", default=None, help="only these split runs")
-    ap.add_argument("--patch-methods", nargs="+", default=["ga_affine", "grad_auto_affine"])
+    ap.add_argument(
+        "--patch-methods", nargs="+", default=["ga_affine", "grad_ones_affine", "grad_t60_affine"]
+    )
     ap.add_argument("--diag-per-class", type=int, default=50)
     ap.add_argument("--stages", nargs="+", default=["composed", "patch"])
     args = ap.parse_args()

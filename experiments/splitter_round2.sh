@@ -38,12 +38,14 @@ for what in "${stages[@]}"; do
       for s in r20 simcnn; do
         for seed in 0 1 2; do
           split "${s}_ga_affine_s$seed" "$s" --seed "$seed"                        # the defaults
-          split "${s}_grad_auto_affine_s$seed" "$s" --search gradient --seed "$seed"
+          split "${s}_grad_ones_affine_s$seed" "$s" --search gradient --mask-init ones --seed "$seed"
         done
-        split "${s}_grad_ones_affine_s0" "$s" --search gradient --mask-init ones
+        split "${s}_grad_t60_affine_s0" "$s" --search gradient --mask-init ones \
+          --target-kernels 0.6 --kernel-alpha 1
+        split "${s}_grad_auto_affine_s0" "$s" --search gradient                   # --mask-init auto
         split "${s}_grad_auto_none_s0" "$s" --search gradient --calibrate none
-        split "${s}_grad_t60_affine_s0" "$s" --search gradient --target-kernels 0.6
-      done ;;
+      done
+      split simcnn_grad_auto_t60_affine_s0 simcnn --search gradient --target-kernels 0.6 ;;
     compare)
       python experiments/splitter_compare.py --splits "$SPLITS" --models "$MODELS" --out "$RESULTS"
       for d in "$SPLITS"/*/; do  # each split's small files (not its search state)

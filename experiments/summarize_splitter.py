@@ -29,11 +29,13 @@ METHODS = {  # table order; the name of a split run is {strong}_{method}_s{seed}
     "ga_affine_nocal": "GA, --init-ratios auto, no calibration (the paper's unadapted modules)",
     "ga_affine": "GA, --init-ratios auto, --calibrate affine (the default)",
     "grad_ones_affine": "gradient, --mask-init ones (GradSplitter's), affine",
-    "grad_auto_none": "gradient, --mask-init auto, no calibration",
-    "grad_auto_affine": "gradient, --mask-init auto, affine",
-    "grad_t60_affine": "gradient, auto, --target-kernels 0.6, affine",
+    "grad_t60_affine": "gradient, ones, --target-kernels 0.6 --kernel-alpha 1, affine",
+    "grad_auto_none": "gradient, --mask-init auto (sensitivity), no calibration",
+    "grad_auto_affine": "gradient, --mask-init auto (sensitivity), affine",
+    "grad_auto_t60_affine": "gradient, auto, --target-kernels 0.6, affine",
 }
-PATCH = {"ga_affine": "GA + affine module", "grad_auto_affine": "gradient + affine module",
+PATCH = {"ga_affine": "GA + affine module", "grad_ones_affine": "gradient (ones) + affine module",
+         "grad_t60_affine": "gradient (ones, target 0.6) + affine module",
          "diagnosis": "diagnosis module (Model Doctor, last conv)", "whole_strong": "whole strong model"}  # fmt: skip
 KEYS = [("tc_precision", "TC precision"), ("tc_recall", "TC recall"), ("tc_f1", "TC F1"),
         ("non_tc_acc", "non-TC acc.")]  # fmt: skip
@@ -160,7 +162,7 @@ def versus_whole_table(patch: list[dict]) -> str:
     rows = []
     for s in STRONG:
         whole = _per_tc(patch, s, "whole_strong")
-        for v in ("ga_affine", "grad_auto_affine", "diagnosis"):
+        for v in ("ga_affine", "grad_ones_affine", "grad_t60_affine", "diagnosis"):
             per = _per_tc(patch, s, v)
             tcs = sorted(set(per) & set(whole))
             if len(tcs) < 2:
@@ -204,7 +206,7 @@ def figure(root: Path, path: str) -> None:
             pts = [r for r in rs if r["method"] == m]
             if pts:
                 ax.scatter([r["kernels_pct"] for r in pts], [r["test"]["composed_acc"] for r in pts],
-                           color=f"C{i}", marker="os^vDP"[i], s=40, label=METHODS[m])  # fmt: skip
+                           color=f"C{i}", marker="os^vDPX"[i], s=40, label=METHODS[m])  # fmt: skip
         lo, hi = PAPER_FLOPS
         ax.errorbar([(lo + hi) / 2], [strong - PAPER_LOSS], xerr=[[(hi - lo) / 2], [(hi - lo) / 2]],
                     color="crimson", marker="*", ms=12, capsize=4,
