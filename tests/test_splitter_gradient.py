@@ -266,20 +266,26 @@ def _argv(root, ckpt, out, *extra):
 
 
 def test_md_doctor_split_gradient_run_and_resume(cifar10_root, strong, tmp_path, capsys):
-    assert main(_argv(cifar10_root, strong, tmp_path, "--epochs", "3")) == 0
+    # --init-ratios auto given: the masks start from the sensitivity (--mask-init auto)
+    assert (
+        main(_argv(cifar10_root, strong, tmp_path, "--epochs", "3", "--init-ratios", "auto")) == 0
+    )
     out = capsys.readouterr().out
     assert "epoch 3/3 [mask]" in out and "composed 3-module accuracy" in out
     assert "chosen epoch" in out
     run = tmp_path / "run"
     for f in ("args.yaml", "modules.safetensors", "modules.csv", "history.csv", "split.log",
               "sensitivity.csv", "sensitivity.png"):  # fmt: skip
-        assert (run / f).is_file(), f  # the default --mask-init auto runs the sensitivity
+        assert (run / f).is_file(), f
     model = timm.create_model("simcnn_weak", num_classes=10, width=8)
     load_weights(model, strong)
     mods = SplitModules.load(run / "modules.safetensors", model)
     assert mods.heads["0.weight"].shape == (3, 10, 10)  # 3 modules, the model's 10 logits
     assert "phase" in (run / "history.csv").read_text().splitlines()[0]
-    assert main(_argv(cifar10_root, strong, tmp_path, "--epochs", "4", "--resume")) == 0
+    argv = _argv(
+        cifar10_root, strong, tmp_path, "--epochs", "4", "--init-ratios", "auto", "--resume"
+    )
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "resuming the gradient search from epoch 3" in out and "epoch 4/4" in out
 
@@ -294,7 +300,12 @@ def test_md_doctor_split_gradient_run_and_resume(cifar10_root, strong, tmp_path,
         (["--search", "gradient", "--target-kernels", "0"], "--target-kernels must be in (0, 1]"),
         (["--search", "gradient", "--mask-lr", "0"], "--mask-lr and --head-lr must be > 0"),
         (["--search", "grad"], "invalid choice"),
-        (["--search", "gradient", "--init-ratios", "0.5"], "numeric --init-ratios are the GA's"),
+        (["--search", "gradient", "--init-ratios", "0.5"],
+         "--init-ratios does not apply to --search gradient --mask-init ones"),
+        (["--search", "gradient", "--mask-init", "auto", "--init-ratios", "0.5"],
+         "numeric --init-ratios are the GA's"),
+        (["--search", "gradient", "--init-ratios", "auto", "--mask-init", "importance"],
+         "--init-ratios does not apply to --search gradient --mask-init importance"),
         (["--search", "gradient", "--mask-init", "ones", "--sensitivity-images", "50"],
          "--sensitivity-images does not apply to --search gradient --mask-init ones"),
     ],

@@ -140,10 +140,11 @@ def create_split_parser() -> argparse.ArgumentParser:
                     help="weight of the kept-kernel fraction in the loss")  # fmt: skip
     gr.add_argument("--target-kernels", type=float, default=dg.target_kernels,
                     help="penalise only each module's kept fraction above this, in (0, 1]")  # fmt: skip
-    gr.add_argument("--mask-init", default=dg.mask_init, choices=list(MASK_INITS),
-                    help="starting mask values: auto (each class's most important channels on, "
-                    "as many as --init-ratios auto's sensitivity keeps), ones (GradSplitter) or "
-                    "importance (all on, ranked by CNNSplitter's per-class importance)")  # fmt: skip
+    gr.add_argument("--mask-init", default=None, choices=list(MASK_INITS),
+                    help="starting mask values: ones (GradSplitter's; the default), auto (each "
+                    "class's most important channels on, as many as the layer sensitivity "
+                    "keeps; the default with --init-ratios auto) or importance (all on, ranked "
+                    "by CNNSplitter's per-class importance)")  # fmt: skip
     gr.add_argument("--select-tolerance", type=float, default=dg.select_tolerance,
                     help="the chosen epoch: fewest kernels within this many points of the strong "
                     "model's validation accuracy")  # fmt: skip
@@ -161,10 +162,11 @@ def _add_stage_flags(p: argparse.ArgumentParser, s: argparse._ArgumentGroup) -> 
     """The initial keep ratios (sensitivity) flags into the split group ``s``, and the module
     calibration group (issue 18)."""
     d, dc, ds = SearchConfig(), CalibrationConfig(), SensitivityConfig()
-    s.add_argument("--init-ratios", nargs="+", default=["auto"], metavar="R",
-                   help="'auto': each group's initial keep ratios from the layer sensitivity; "
-                   f"or keep ratios for the later groups (the paper's forward-order rule, "
-                   f"e.g. {' '.join(map(str, d.ratios))})")  # fmt: skip
+    s.add_argument("--init-ratios", nargs="+", default=None, metavar="R",
+                   help="'auto' (the GA's default): each group's initial keep ratios from the "
+                   "layer sensitivity, and with --search gradient the masks start there "
+                   "(--mask-init auto); or keep ratios for the later groups (the paper's "
+                   f"forward-order rule, e.g. {' '.join(map(str, d.ratios))})")  # fmt: skip
     s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R", default=None,
                    help="with numeric --init-ratios: keep ratios for the first "
                    f"--sensitive-fraction of the groups (default {' '.join(map(str, d.ratios_sensitive))})")  # fmt: skip
@@ -228,7 +230,8 @@ def _check_classes(classes: Sequence[int] | None, num_outputs: int | None = None
 def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | None]:
     """``('auto', None)`` or ``('fixed', ratios)`` from ``--init-ratios`` (CLI strings or YAML
     values); a mix, or forward-order flags with 'auto', is one line."""
-    vals = args.init_ratios if isinstance(args.init_ratios, (list, tuple)) else [args.init_ratios]
+    vals = args.init_ratios if args.init_ratios is not None else ["auto"]  # the GA's default
+    vals = vals if isinstance(vals, (list, tuple)) else [vals]
     words = [str(v).strip().lower() for v in vals]
     if "auto" in words:
         if len(words) > 1:
@@ -258,24 +261,33 @@ _GRADIENT_ONLY = ("epochs", "head_epochs", "images_per_epoch", "mask_lr", "head_
                   "kernel_alpha", "target_kernels", "mask_init", "select_tolerance")  # fmt: skip
 
 
+def _mask_init(args: argparse.Namespace) -> str:
+    """The gradient search's ``--mask-init``: as given, else ``auto`` when ``--init-ratios
+    auto`` is given (the sensitivity sets the starting masks), else GradSplitter's ``ones``."""
+    if args.mask_init:
+        return args.mask_init
+    return "auto" if args.init_ratios is not None and _init_ratios(args)[0] == "auto" else "ones"
+
+
 def _check_search_flags(args: argparse.Namespace) -> None:
     """A flag of the other search (or of the sensitivity a run skips), set away from its
     default, is one line; so are numeric --init-ratios with the sensitivity's mask init."""
     parser = create_split_parser()
     other = _GA_ONLY if args.search == "gradient" else _GRADIENT_ONLY
-    if args.search == "gradient" and args.mask_init != "auto":
+    init = _mask_init(args) if args.search == "gradient" else None
+    if init not in (None, "auto"):
         other = other + ("init_ratios", *_SENSITIVITY)
-    if args.search == "gradient" and args.mask_init == "auto" and _init_ratios(args)[0] != "auto":
+    if init == "auto" and _init_ratios(args)[0] != "auto":
         raise ConfigError(
-            "--search gradient starts its masks from --init-ratios auto (the layer sensitivity) "
-            "or from --mask-init ones|importance; numeric --init-ratios are the GA's"
+            "--mask-init auto starts the masks from the layer sensitivity (--init-ratios auto); "
+            "numeric --init-ratios are the GA's"
         )
     given = [k for k in other if getattr(args, k) != parser.get_default(k)]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         what = f"--search {args.search}"
-        if args.search == "gradient" and args.mask_init != "auto":
-            what += f" --mask-init {args.mask_init}"
+        if init not in (None, "auto"):
+            what += f" --mask-init {init}"
         raise ConfigError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to {what}")
 
 
@@ -284,7 +296,7 @@ def _grad_config(args: argparse.Namespace) -> GradConfig:
         epochs=args.epochs, head_epochs=args.head_epochs, images_per_epoch=args.images_per_epoch,
         mask_lr=args.mask_lr, head_lr=args.head_lr, alpha=args.kernel_alpha,
         target_kernels=args.target_kernels, select_tolerance=args.select_tolerance,
-        mask_init=args.mask_init, val_images=args.val_images, seed=args.seed,
+        mask_init=_mask_init(args), val_images=args.val_images, seed=args.seed,
         eval_batch_size=args.batch_size,
     )  # fmt: skip
     cfg.validate()

@@ -77,7 +77,7 @@ class GradConfig:
     alpha: float = 0.1
     target_kernels: float | None = None
     target_mode: str = "above"
-    mask_init: str = "auto"
+    mask_init: str = "ones"
     val_images: int = 500
     select_tolerance: float = 1.0
     seed: int = 0
