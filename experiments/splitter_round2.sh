@@ -42,10 +42,10 @@ for what in "${stages[@]}"; do
         done
         split "${s}_grad_t60_affine_s0" "$s" --search gradient --mask-init ones \
           --target-kernels 0.6 --kernel-alpha 1
-        split "${s}_grad_auto_affine_s0" "$s" --search gradient                   # --mask-init auto
-        split "${s}_grad_auto_none_s0" "$s" --search gradient --calibrate none
+        split "${s}_grad_auto_affine_s0" "$s" --search gradient --mask-init auto
+        split "${s}_grad_auto_none_s0" "$s" --search gradient --mask-init auto --calibrate none
       done
-      split simcnn_grad_auto_t60_affine_s0 simcnn --search gradient --target-kernels 0.6 ;;
+      split simcnn_grad_auto_t60_affine_s0 simcnn --search gradient --mask-init auto --target-kernels 0.6 ;;
     compare)
       python experiments/splitter_compare.py --splits "$SPLITS" --models "$MODELS" --out "$RESULTS"
       for d in "$SPLITS"/*/; do  # each split's small files (not its search state)
