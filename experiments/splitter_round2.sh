@@ -45,6 +45,8 @@ for what in "${stages[@]}"; do
         split "${s}_grad_auto_affine_s0" "$s" --search gradient --mask-init auto
         split "${s}_grad_auto_none_s0" "$s" --search gradient --mask-init auto --calibrate none
       done
+      split r20_grad_t60e46_affine_s0 r20 --search gradient --mask-init ones --target-kernels 0.6 \
+        --kernel-alpha 1 --epochs 46
       split simcnn_grad_auto_t60_affine_s0 simcnn --search gradient --mask-init auto --target-kernels 0.6 ;;
     compare)
       python experiments/splitter_compare.py --splits "$SPLITS" --models "$MODELS" --out "$RESULTS"
