@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import collect_results  # noqa: E402
 import md_every  # noqa: E402
 import summarize_round2 as s2  # noqa: E402
+import summarize_splitter as ssp  # noqa: E402
 from stats import (  # noqa: E402
     bonferroni,
     fmt_ci,
@@ -133,6 +134,28 @@ def test_md_every_tables_in_the_benchmarks_rebuild_from_the_raw_files():
     main, pairs = md_every.summarize(RESULTS / "md_every").split("\n\n")
     doc = (DOCS / "benchmarks.md").read_text()
     assert main in doc and pairs in doc
+
+
+def test_splitter_round_two_tables_in_the_docs_rebuild_from_the_raw_files():
+    root = RESULTS / "splitter" / "round2"
+    tables = ssp.tables(root)
+    composed, patch = ssp.load(root)
+    assert len(composed) >= 12 and len(patch) >= 30  # both strong models, 3 TCs, every variant
+    assert _missing(tables, (DOCS / "splitter.md").read_text()) == []
+
+
+def test_splitter_patch_statistics_are_over_tcs_of_seed_means():
+    patch = [
+        {"strong": "r20", "tc": tc, "variant": f"r20_ga_affine_s{s}",
+         "before": {k: 50.0 for k, _ in ssp.KEYS},
+         "after": {k: 50.0 + tc + s for k, _ in ssp.KEYS}}
+        for tc in (0, 2, 4) for s in (0, 1, 2)
+    ]  # fmt: skip
+    per = ssp._per_tc(patch, "r20", "ga_affine")
+    assert per[2]["tc_f1"] == [2.0, 3.0, 4.0]
+    row = ssp.patch_table(patch).splitlines()[2]
+    # seed means per TC: 1, 3, 5 -> mean +3.00, SD 2, CI 3 +- 4.303 * 2 / sqrt(3)
+    assert "| 3 × 3 |" in row and "+3.00 [-1.97, +7.97]" in row
 
 
 def test_a_changed_raw_number_is_caught(tmp_path):
