@@ -150,8 +150,9 @@ def test_sensitivity_init_turns_on_each_class_s_top_channels_at_its_group_ratio(
         a, b = v[i, :10], v[i, 10:]
         assert set((a > 0).nonzero().flatten().tolist()) == set(perms[i][0][:3].tolist())
         assert (b > 0).nonzero().flatten().tolist() == [int(perms[i][1][0])]  # at least one
-        # ranked: the importance order is the value order, evenly spaced by 1 / C
-        assert torch.allclose(a[perms[i][0]], (2.5 - torch.arange(10.0)) / 10)
+        # the kept at 1 (GradSplitter's start), the rest just below 0 in importance order
+        expect = torch.tensor([1.0, 1.0, 1.0, *(-(torch.arange(7.0) + 1) / 10).tolist()])
+        assert torch.allclose(a[perms[i][0]], expect)
 
 
 def test_auto_mask_init_starts_from_the_layer_sensitivity():

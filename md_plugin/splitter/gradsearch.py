@@ -510,17 +510,21 @@ def importance_init(
 
 
 def sensitivity_init(sg: Any, imp: Any, num_modules: int, ratios: Sequence[float]) -> torch.Tensor:
-    """[M, K] starting values from the layer sensitivity: in group g each module's channels,
-    ranked by its class's importance, start at ``r_g - (i + 0.5) / C``, so exactly the top
-    ``round(r_g * C)`` are on (at least one) and the next ones to go are those ranked lowest."""
+    """[M, K] starting values from the layer sensitivity: in group g each module's top
+    ``round(r_g * C)`` channels by its class's importance (at least one) start at 1, as
+    GradSplitter's ones, so the kernel term wears them down as slowly; the others start just
+    below 0, at ``-(j + 1) / C`` for the j-th of them, so the cross-entropy can bring back the
+    most important of them within a few steps."""
     rows = []
     for i in range(num_modules):
         per = []
         for g, (grp, r) in enumerate(zip(sg.groups, ratios)):
             c = grp.channels
             keep = max(1, int(round(r * c)))
+            ranked = torch.ones(c)
+            ranked[keep:] = -(torch.arange(c - keep, dtype=torch.float32) + 1) / c
             v = torch.empty(c)
-            v[imp.order(i, g)] = (keep - 0.5 - torch.arange(c, dtype=torch.float32)) / c
+            v[imp.order(i, g)] = ranked
             per.append(v)
         rows.append(torch.cat(per))
     return torch.stack(rows)
