@@ -43,11 +43,13 @@ for what in "${stages[@]}"; do
         split "${s}_grad_t60_affine_s0" "$s" --search gradient --mask-init ones \
           --target-kernels 0.6 --kernel-alpha 1
         split "${s}_grad_auto_affine_s0" "$s" --search gradient --mask-init auto
-        split "${s}_grad_auto_none_s0" "$s" --search gradient --mask-init auto --calibrate none
       done
+      split r20_grad_auto_none_s0 r20 --search gradient --mask-init auto --calibrate none
       split r20_grad_t60e46_affine_s0 r20 --search gradient --mask-init ones --target-kernels 0.6 \
         --kernel-alpha 1 --epochs 46
-      split simcnn_grad_auto_t60_affine_s0 simcnn --search gradient --mask-init auto --target-kernels 0.6 ;;
+      # grad_autov1_* (docs/splitter.md) came from the first sensitivity start, at commit 4bce11f:
+      # split NAME STRONG --search gradient [--target-kernels 0.6] there (its default was auto)
+      ;;
     compare)
       python experiments/splitter_compare.py --splits "$SPLITS" --models "$MODELS" --out "$RESULTS"
       for d in "$SPLITS"/*/; do  # each split's small files (not its search state)

@@ -31,9 +31,10 @@ METHODS = {  # table order; the name of a split run is {strong}_{method}_s{seed}
     "grad_ones_affine": "gradient, --mask-init ones (GradSplitter's), affine",
     "grad_t60_affine": "gradient, ones, --target-kernels 0.6 --kernel-alpha 1, affine",
     "grad_t60e46_affine": "the same, --epochs 46",
-    "grad_auto_none": "gradient, --mask-init auto (sensitivity), no calibration",
-    "grad_auto_affine": "gradient, --mask-init auto (sensitivity), affine",
-    "grad_auto_t60_affine": "gradient, auto, --target-kernels 0.6, affine",
+    "grad_auto_none": "gradient, --mask-init auto (sensitivity start), no calibration",
+    "grad_auto_affine": "gradient, --mask-init auto (sensitivity start), affine",
+    "grad_autov1_affine": "gradient, first sensitivity start (values near 0; replaced), affine",
+    "grad_autov1_t60_affine": "the same, --target-kernels 0.6",
 }
 PATCH = {"ga_affine": "GA + affine module", "grad_ones_affine": "gradient (ones) + affine module",
          "grad_t60_affine": "gradient (ones, target 0.6) + affine module",
@@ -207,7 +208,7 @@ def figure(root: Path, path: str) -> None:
             pts = [r for r in rs if r["method"] == m]
             if pts:
                 ax.scatter([r["kernels_pct"] for r in pts], [r["test"]["composed_acc"] for r in pts],
-                           color=f"C{i}", marker="os^vDPX*"[i], s=40, label=METHODS[m])  # fmt: skip
+                           color=f"C{i}", marker="os^vDPXhp"[i], s=40, label=METHODS[m])  # fmt: skip
         lo, hi = PAPER_FLOPS
         ax.errorbar([(lo + hi) / 2], [strong - PAPER_LOSS], xerr=[[(hi - lo) / 2], [(hi - lo) / 2]],
                     color="crimson", marker="*", ms=12, capsize=4,
