@@ -24,7 +24,7 @@ from md_plugin.splitter.gradsearch import (
     binary_masks,
     create_phase_optimizer,
     schedule,
-    sensitivity_init,
+    sensitivity_target,
 )
 from md_plugin.splitter.head import ModuleHeads, create_module_heads
 
@@ -129,37 +129,21 @@ def test_gradient_search_finds_the_planted_channels(planted_split):
     assert h[0]["phase"] == "head" and h[0]["kept"] == 1.0 and h[2]["phase"] == "mask"
 
 
-class _Ranks:
-    """An importance whose ranking of group g for module i is a fixed permutation."""
-
-    def __init__(self, perms):
-        self.perms = perms
-
-    def order(self, i, g):
-        return self.perms[i][g]
-
-
-def test_sensitivity_init_turns_on_each_class_s_top_channels_at_its_group_ratio():
-    groups = [SimpleNamespace(channels=10), SimpleNamespace(channels=4)]
+def test_sensitivity_target_is_the_kernel_fraction_the_ratios_leave():
+    groups = [SimpleNamespace(channels=10, kernels=2), SimpleNamespace(channels=4, kernels=1)]
     sg = SimpleNamespace(groups=groups)
-    g = torch.Generator().manual_seed(0)
-    perms = [[torch.randperm(10, generator=g), torch.randperm(4, generator=g)] for _ in range(2)]
-    v = sensitivity_init(sg, _Ranks(perms), 2, [0.3, 0.1])
-    assert v.shape == (2, 14)
-    for i in range(2):
-        a, b = v[i, :10], v[i, 10:]
-        assert set((a > 0).nonzero().flatten().tolist()) == set(perms[i][0][:3].tolist())
-        assert (b > 0).nonzero().flatten().tolist() == [int(perms[i][1][0])]  # at least one
-        # the kept at 1 (GradSplitter's start), the rest just below 0 in importance order
-        expect = torch.tensor([1.0, 1.0, 1.0, *(-(torch.arange(7.0) + 1) / 10).tolist()])
-        assert torch.allclose(a[perms[i][0]], expect)
+    # 3 of 10 channels x 2 kernels + 1 of 4 (at least one) x 1 kernel, of 10 x 2 + 4 x 1
+    assert sensitivity_target(sg, [0.3, 0.1]) == pytest.approx(7 / 24)
+    assert sensitivity_target(sg, [1.0, 1.0]) == 1.0
 
 
-def test_auto_mask_init_starts_from_the_layer_sensitivity():
-    mods = _split(epochs=4, mask_init="auto", alpha=1.0)
-    h = mods.options["history"]
+def test_auto_mask_init_takes_its_kernel_target_from_the_layer_sensitivity():
+    mods = _split(epochs=4, mask_init="auto")
+    h, cfg = mods.options["history"], mods.options["config"]
     assert mods.options["init_ratios"] == "auto" and "sensitivity" in mods.options
-    assert h[0]["phase"] == "head" and h[0]["kept"] < 1.0  # masks start thinned, not all ones
+    assert h[0]["phase"] == "head" and h[0]["kept"] == 1.0  # starts at ones, as GradSplitter
+    t = cfg["target_kernels"]
+    assert 0 < t < 1 and cfg["alpha"] is None  # the target's default weight: 1.0
     assert mods.stats["composed_acc"] == 100.0
 
 

@@ -137,14 +137,15 @@ def create_split_parser() -> argparse.ArgumentParser:
                     help="Adam learning rate of the heads in the first head epochs; later "
                     "epochs use a tenth")  # fmt: skip
     gr.add_argument("--kernel-alpha", type=float, default=dg.alpha,
-                    help="weight of the kept-kernel fraction in the loss")  # fmt: skip
+                    help="weight of the kept-kernel fraction in the loss (default: 0.1, "
+                    "GradSplitter's; 1.0 with a kernel target)")  # fmt: skip
     gr.add_argument("--target-kernels", type=float, default=dg.target_kernels,
                     help="penalise only each module's kept fraction above this, in (0, 1]")  # fmt: skip
     gr.add_argument("--mask-init", default=None, choices=list(MASK_INITS),
-                    help="starting mask values: ones (GradSplitter's; the default), auto (each "
-                    "class's most important channels on, as many as the layer sensitivity "
-                    "keeps; the default with --init-ratios auto) or importance (all on, ranked "
-                    "by CNNSplitter's per-class importance)")  # fmt: skip
+                    help="starting mask values: ones (GradSplitter's; the default), auto (ones, "
+                    "and the layer sensitivity's keep ratios set --target-kernels; the default "
+                    "with --init-ratios auto) or importance (all on, ranked by CNNSplitter's "
+                    "per-class importance)")  # fmt: skip
     gr.add_argument("--select-tolerance", type=float, default=dg.select_tolerance,
                     help="the chosen epoch: fewest kernels within this many points of the strong "
                     "model's validation accuracy")  # fmt: skip
@@ -164,8 +165,8 @@ def _add_stage_flags(p: argparse.ArgumentParser, s: argparse._ArgumentGroup) -> 
     d, dc, ds = SearchConfig(), CalibrationConfig(), SensitivityConfig()
     s.add_argument("--init-ratios", nargs="+", default=None, metavar="R",
                    help="'auto' (the GA's default): each group's initial keep ratios from the "
-                   "layer sensitivity, and with --search gradient the masks start there "
-                   "(--mask-init auto); or keep ratios for the later groups (the paper's "
+                   "layer sensitivity, and with --search gradient the kernel target they "
+                   "leave (--mask-init auto); or keep ratios for the later groups (the paper's "
                    f"forward-order rule, e.g. {' '.join(map(str, d.ratios))})")  # fmt: skip
     s.add_argument("--init-ratios-sensitive", type=float, nargs="+", metavar="R", default=None,
                    help="with numeric --init-ratios: keep ratios for the first "

@@ -25,7 +25,7 @@ from ..errors import ConfigError, MDError
 from .bank import ModuleBank
 from .calibrate import CalibrationConfig, calibrate_modules
 from .encoding import GeneLayout, create_gene_layout
-from .gradsearch import GradConfig, gradient_modules, refit_heads, sensitivity_init
+from .gradsearch import GradConfig, gradient_modules, refit_heads, sensitivity_target
 from .groups import SplitGraph, create_split_graph
 from .importance import compute_importance
 from .modules import SplitModules, create_split_modules
@@ -306,28 +306,30 @@ def _gradient_split(
     log: Callable[[str], None],
 ) -> SplitModules:
     """``modularize`` with the gradient search (:mod:`.gradsearch`) instead of the GA. With
-    ``mask_init='auto'`` the masks start from the layer sensitivity's keep ratios
-    (:func:`~.gradsearch.sensitivity_init`)."""
+    ``mask_init='auto'`` the layer sensitivity sets the kernel target: the fraction its keep
+    ratios leave (:func:`~.gradsearch.sensitivity_target`), unless ``target_kernels`` is given."""
     if train_loader is None:
         raise ConfigError("the gradient search learns on training images: pass train_loader")
     x, y = collect_images(loader, classes)
     bs = cfg.eval_batch_size
-    init, table = None, None
+    table = None
     if cfg.mask_init == "auto":
         with timings.stage("importance"):
-            imp, layout = _importance_stage(sg, x, y, classes, min_confidence, bs, device,
-                                            progress, log)  # fmt: skip
+            _, layout = _importance_stage(sg, x, y, classes, min_confidence, bs, device,
+                                          progress, log)  # fmt: skip
         with timings.stage("sensitivity"):
             ratios, table = _sensitivity_stage(sg, layout, x, y, classes, cfg.seed, bs, sens,
                                                device, progress, log)  # fmt: skip
-        init = sensitivity_init(sg, imp, len(classes), [r[0] for r in ratios])
-        log(f"sensitivity: {timings['sensitivity_s']:.0f} s; the masks start at each group's "
-            "smallest ratio")  # fmt: skip
+        t = sensitivity_target(sg, [r[0] for r in ratios])
+        if cfg.target_kernels is None:
+            cfg = dataclasses.replace(cfg, target_kernels=round(t, 4))
+        log(f"sensitivity: {timings['sensitivity_s']:.0f} s; its ratios keep {100 * t:.1f}% of "
+            f"the kernels; kernel target {100 * cfg.target_kernels:.1f}%, masks start at ones")  # fmt: skip
     with timings.stage("search"):
         sub = stratified_subset(y, classes, cfg.val_images, cfg.seed)
         mods = gradient_modules(model, sg, classes, x, y, sub, train_loader, cfg,
                                 state_path=state_path, progress=progress, log=log, device=device,
-                                min_confidence=min_confidence, init=init)  # fmt: skip
+                                min_confidence=min_confidence)  # fmt: skip
     mods.options["init_ratios"] = "auto" if table is not None else cfg.mask_init
     if table is not None:
         mods.options["sensitivity"] = table.to_dict()
