@@ -36,15 +36,17 @@ for what in "${stages[@]}"; do
   case $what in
     split)
       for s in r20 simcnn; do
-        for seed in 0 1 2; do
-          split "${s}_ga_affine_s$seed" "$s" --seed "$seed"                        # the defaults
-          split "${s}_grad_ones_affine_s$seed" "$s" --search gradient --mask-init ones --seed "$seed"
-        done
-        split "${s}_grad_t60_affine_s0" "$s" --search gradient --mask-init ones \
-          --target-kernels 0.6 --kernel-alpha 1
+        for seed in 0 1 2; do split "${s}_ga_affine_s$seed" "$s" --seed "$seed"; done   # the defaults
         split "${s}_grad_auto_affine_s0" "$s" --search gradient --mask-init auto
       done
-      split r20_grad_auto_none_s0 r20 --search gradient --mask-init auto --calibrate none
+      for seed in 0 1 2; do
+        split "r20_grad_ones_affine_s$seed" r20 --search gradient --mask-init ones --seed "$seed"
+        split "simcnn_grad_t60_affine_s$seed" simcnn --search gradient --mask-init ones \
+          --target-kernels 0.6 --kernel-alpha 1 --seed "$seed"
+      done
+      split simcnn_grad_ones_affine_s0 simcnn --search gradient --mask-init ones
+      split r20_grad_t60_affine_s0 r20 --search gradient --mask-init ones --target-kernels 0.6 \
+        --kernel-alpha 1
       split r20_grad_t60e46_affine_s0 r20 --search gradient --mask-init ones --target-kernels 0.6 \
         --kernel-alpha 1 --epochs 46
       # grad_autov1_* (docs/splitter.md) came from the first sensitivity start, at commit 4bce11f:

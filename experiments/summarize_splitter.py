@@ -31,9 +31,8 @@ METHODS = {  # table order; the name of a split run is {strong}_{method}_s{seed}
     "grad_ones_affine": "gradient, --mask-init ones (GradSplitter's), affine",
     "grad_t60_affine": "gradient, ones, --target-kernels 0.6 --kernel-alpha 1, affine",
     "grad_t60e46_affine": "the same, --epochs 46",
-    "grad_auto_none": "gradient, --mask-init auto (sensitivity start), no calibration",
-    "grad_auto_affine": "gradient, --mask-init auto (sensitivity start), affine",
-    "grad_autov1_affine": "gradient, first sensitivity start (values near 0; replaced), affine",
+    "grad_auto_affine": "gradient, --mask-init auto (ones; sensitivity's kernel target), affine",
+    "grad_autov1_affine": "gradient, first --mask-init auto (masks at the sensitivity's ratios; replaced), affine",
     "grad_autov1_t60_affine": "the same, --target-kernels 0.6",
 }
 PATCH = {"ga_affine": "GA + affine module", "grad_ones_affine": "gradient (ones) + affine module",
