@@ -124,9 +124,13 @@ def patch_stage(strong_key, strong, runs, held_loader, diag_path, tf, args) -> N
             wa["data_dir"],
         )
         loader = _loader(ds, tf)
-        variants: list[tuple[str, Any]] = [(r.name, r / "modules.safetensors") for r in runs]
-        variants += [("diagnosis", diag_path), ("whole_strong", None)]
-        for name, path in variants:
+        # a module with a head is patched twice: by its head's score (what md-doctor patch does)
+        # and by the paper's min-max-normalised own logit (rule "range")
+        variants: list[tuple[str, Any, str]] = [(r.name, r / "modules.safetensors", "own")
+                                                for r in runs]  # fmt: skip
+        variants += [(r.name + "_range", r / "modules.safetensors", "range") for r in runs]
+        variants += [("diagnosis", diag_path, "own"), ("whole_strong", None, "own")]
+        for name, path, rule in variants:
             res = args.out / "patch" / f"{strong_key}_tc{tc}_{name}.json"
             if res.is_file():
                 continue
@@ -136,12 +140,15 @@ def patch_stage(strong_key, strong, runs, held_loader, diag_path, tf, args) -> N
                 st = {"kernels_pct": 100.0, "flops_pct": 100.0, "params_pct": 100.0}
             else:
                 mods = SplitModules.load(path, strong, (3, 32, 32))
-                module, head = mods.module(tc, extract=True), mods.module_head(tc)
+                if rule == "range" and mods.heads is None:
+                    continue  # a GA module is patched by its range already
+                module = mods.module(tc, extract=True)
+                head = mods.module_head(tc) if rule == "own" else None
                 rng = None if head is not None else mods.range(tc)
                 st = next(m for m in mods.stats["modules"] if m["cls"] == tc)
             t0 = time.perf_counter()
             r = evaluate_patch(PatchedModel(weak, module, WEAK_TC, tc, rng, head=head), loader)
-            rec = {"strong": strong_key, "tc": tc, "variant": name, **r, "module": st,
+            rec = {"strong": strong_key, "tc": tc, "variant": name, "rule": rule, **r, "module": st,
                    "range": list(rng) if rng else None, "head": head is not None,
                    "weak_run": weak_run.name, "test_images": len(ds),
                    "eval_s": round(time.perf_counter() - t0, 1)}  # fmt: skip

@@ -35,8 +35,11 @@ METHODS = {  # table order; the name of a split run is {strong}_{method}_s{seed}
     "grad_autov1_affine": "gradient, first --mask-init auto (masks at the sensitivity's ratios; replaced), affine",
     "grad_autov1_t60_affine": "the same, --target-kernels 0.6",
 }
-PATCH = {"ga_affine": "GA + affine module", "grad_ones_affine": "gradient (ones) + affine module",
-         "grad_t60_affine": "gradient (ones, target 0.6) + affine module",
+PATCH = {"ga_affine": "GA + affine module (own-logit range)",
+         "grad_ones_affine": "gradient (ones) + affine module, head score",
+         "grad_ones_affine+range": "the same, own-logit range",
+         "grad_t60_affine": "gradient (ones, target 0.6) + affine, head score",
+         "grad_t60_affine+range": "the same, own-logit range",
          "diagnosis": "diagnosis module (Model Doctor, last conv)", "whole_strong": "whole strong model"}  # fmt: skip
 KEYS = [("tc_precision", "TC precision"), ("tc_recall", "TC recall"), ("tc_f1", "TC F1"),
         ("non_tc_acc", "non-TC acc.")]  # fmt: skip
@@ -126,7 +129,11 @@ def _per_tc(patch: list[dict], strong: str, variant: str) -> dict[int, dict[str,
     out: dict[int, dict[str, list[float]]] = {}
     for r in patch:
         v = r["variant"]
-        name = v if v in ("diagnosis", "whole_strong") else v.split("_", 1)[1].rsplit("_s", 1)[0]
+        if v in ("diagnosis", "whole_strong"):
+            name = v
+        else:
+            name = v.removesuffix("_range").split("_", 1)[1].rsplit("_s", 1)[0]
+            name += "+range" if r.get("rule") == "range" else ""
         if r["strong"] != strong or name != variant:
             continue
         d = out.setdefault(r["tc"], {k: [] for k, _ in KEYS})
@@ -163,7 +170,9 @@ def versus_whole_table(patch: list[dict]) -> str:
     rows = []
     for s in STRONG:
         whole = _per_tc(patch, s, "whole_strong")
-        for v in ("ga_affine", "grad_ones_affine", "grad_t60_affine", "diagnosis"):
+        for v in PATCH:
+            if v == "whole_strong":
+                continue
             per = _per_tc(patch, s, v)
             tcs = sorted(set(per) & set(whole))
             if len(tcs) < 2:
