@@ -37,10 +37,11 @@ def test_lt_recipe_and_md_configs():
 
 @pytest.mark.parametrize("path", SPLIT_CONFIGS, ids=lambda p: p.name)
 def test_split_config_parses(path):
-    from md_plugin.splitter.cli import _search_config, parse_split_args
+    from md_plugin.splitter.cli import create_split_parser, parse_split_args
+    from md_plugin.splitter.cli_config import search_config
 
     a = parse_split_args(["-c", str(path), "--checkpoint", "strong.pth.tar"])
-    cfg = _search_config(a)
+    cfg = search_config(a, create_split_parser())
     assert a.model == "resnet20_cifar" and a.class_map and a.val_from_train
     assert (cfg.generations, cfg.population, cfg.val_images) == (30, 20, 500)
     root = Path(__file__).resolve().parents[1]  # the config is written for the repo root

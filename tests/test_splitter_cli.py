@@ -138,15 +138,17 @@ def test_sigkill_then_resume_equals_uninterrupted(cifar10_root, strong, tmp_path
 
 
 def test_init_ratios_take_several_values_on_the_command_line_and_in_yaml(tmp_path):
-    from md_plugin.splitter.cli import _search_config, parse_split_args
+    from md_plugin.splitter.cli import create_split_parser, parse_split_args
+    from md_plugin.splitter.cli_config import search_config
 
+    parser = create_split_parser()
     base = ["--model", "resnet20_cifar", "--checkpoint", "x.pth"]
     args = parse_split_args([*base, "--init-ratios", ".5", ".6", "--init-ratios-sensitive", ".9"])
-    cfg = _search_config(args)
+    cfg = search_config(args, parser)
     assert cfg.ratios == (0.5, 0.6) and cfg.ratios_sensitive == (0.9,)
     y = tmp_path / "s.yaml"
     y.write_text("init_ratios: [0.25, 0.35]\n")
-    cfg = _search_config(parse_split_args(["-c", str(y), *base]))
+    cfg = search_config(parse_split_args(["-c", str(y), *base]), parser)
     assert cfg.ratios == (0.25, 0.35) and cfg.ratios_sensitive == (0.5, 0.6, 0.7)
     with pytest.raises(ConfigError, match="init ratios"):
-        _search_config(parse_split_args([*base, "--init-ratios", "1.5"]))
+        search_config(parse_split_args([*base, "--init-ratios", "1.5"]), parser)

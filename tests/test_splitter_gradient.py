@@ -18,13 +18,13 @@ from md_plugin.cli import main
 from md_plugin.errors import ConfigError, MDError
 from md_plugin.splitter import PatchedModel, SplitModules, modularize
 from md_plugin.splitter.calibrate import CalibrationConfig
+from md_plugin.splitter.gradinit import sensitivity_target
 from md_plugin.splitter.gradsearch import (
     GradConfig,
     _Sign,
     binary_masks,
     create_phase_optimizer,
     schedule,
-    sensitivity_target,
 )
 from md_plugin.splitter.head import ModuleHeads, create_module_heads
 

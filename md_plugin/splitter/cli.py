@@ -56,7 +56,9 @@ from ..errors import ConfigError, MDError
 from ..files import atomic_write, atomic_write_text
 from ..rundir import RunDirLock, prepare_run_dir
 from .calibrate import CALIBRATION_MODES, CalibrationConfig
-from .gradsearch import MASK_INITS, GradConfig
+from .cli_config import parse_init_ratios, search_config, stage_configs
+from .gradinit import MASK_INITS
+from .gradsearch import GradConfig
 from .search import SearchConfig
 from .sensitivity import SensitivityTable, plot_sensitivity
 from .split import SensitivityConfig, modularize, stratified_subset
@@ -226,117 +228,6 @@ def _check_classes(classes: Sequence[int] | None, num_outputs: int | None = None
     if bad:
         outputs = f": the model has {num_outputs} outputs" if num_outputs is not None else ""
         raise ConfigError(f"class(es) {bad} out of range{outputs}")
-
-
-def _init_ratios(args: argparse.Namespace) -> tuple[str, tuple[float, ...] | None]:
-    """``('auto', None)`` or ``('fixed', ratios)`` from ``--init-ratios`` (CLI strings or YAML
-    values); a mix, or forward-order flags with 'auto', is one line."""
-    vals = args.init_ratios if args.init_ratios is not None else ["auto"]  # the GA's default
-    vals = vals if isinstance(vals, (list, tuple)) else [vals]
-    words = [str(v).strip().lower() for v in vals]
-    if "auto" in words:
-        if len(words) > 1:
-            raise ConfigError(
-                f"--init-ratios takes 'auto' or keep ratios, not both: {' '.join(words)}"
-            )
-        given = [f for f, v in (("--init-ratios-sensitive", args.init_ratios_sensitive),
-                                ("--sensitive-fraction", args.sensitive_fraction)) if v is not None]  # fmt: skip
-        if given:
-            raise ConfigError(
-                f"{' and '.join(given)} only apply to numeric --init-ratios (the forward-order "
-                "rule); with --init-ratios auto the layer sensitivity sets every group's ratios"
-            )
-        return "auto", None
-    try:
-        return "fixed", tuple(float(v) for v in vals)
-    except ValueError:
-        raise ConfigError(
-            f"--init-ratios takes 'auto' or keep ratios in (0, 1], got {' '.join(words)}"
-        ) from None
-
-
-_GA_ONLY = ("generations", "population", "mutation", "parents_frac", "keep_frac", "alpha", "gamma",
-            "init_ratios_sensitive", "sensitive_fraction", "eval_mode")  # fmt: skip
-_SENSITIVITY = ("sensitivity_images", "sensitivity_tolerance")
-_GRADIENT_ONLY = ("epochs", "head_epochs", "images_per_epoch", "mask_lr", "head_lr",
-                  "kernel_alpha", "target_kernels", "mask_init", "select_tolerance")  # fmt: skip
-
-
-def _mask_init(args: argparse.Namespace) -> str:
-    """The gradient search's ``--mask-init``: as given, else ``auto`` when ``--init-ratios
-    auto`` is given (the sensitivity sets the starting masks), else GradSplitter's ``ones``."""
-    if args.mask_init:
-        return args.mask_init
-    return "auto" if args.init_ratios is not None and _init_ratios(args)[0] == "auto" else "ones"
-
-
-def _check_search_flags(args: argparse.Namespace) -> None:
-    """A flag of the other search (or of the sensitivity a run skips), set away from its
-    default, is one line; so are numeric --init-ratios with the sensitivity's mask init."""
-    parser = create_split_parser()
-    other = _GA_ONLY if args.search == "gradient" else _GRADIENT_ONLY
-    init = _mask_init(args) if args.search == "gradient" else None
-    if init not in (None, "auto"):
-        other = other + ("init_ratios", *_SENSITIVITY)
-    if init == "auto" and _init_ratios(args)[0] != "auto":
-        raise ConfigError(
-            "--mask-init auto starts the masks from the layer sensitivity (--init-ratios auto); "
-            "numeric --init-ratios are the GA's"
-        )
-    given = [k for k in other if getattr(args, k) != parser.get_default(k)]
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        what = f"--search {args.search}"
-        if init not in (None, "auto"):
-            what += f" --mask-init {init}"
-        raise ConfigError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to {what}")
-
-
-def _grad_config(args: argparse.Namespace) -> GradConfig:
-    cfg = GradConfig(
-        epochs=args.epochs, head_epochs=args.head_epochs, images_per_epoch=args.images_per_epoch,
-        mask_lr=args.mask_lr, head_lr=args.head_lr, alpha=args.kernel_alpha,
-        target_kernels=args.target_kernels, select_tolerance=args.select_tolerance,
-        mask_init=_mask_init(args), val_images=args.val_images, seed=args.seed,
-        eval_batch_size=args.batch_size,
-    )  # fmt: skip
-    cfg.validate()
-    return cfg
-
-
-def _search_config(args: argparse.Namespace) -> SearchConfig | GradConfig:
-    """The GA's or, with ``--search gradient``, the gradient search's settings."""
-    _check_search_flags(args)
-    if args.search == "gradient":
-        return _grad_config(args)
-    d = SearchConfig()
-    _, fixed = _init_ratios(args)
-    sens = args.init_ratios_sensitive
-    cfg = SearchConfig(
-        generations=args.generations, population=args.population, val_images=args.val_images,
-        seed=args.seed, mutation=args.mutation, parents_frac=args.parents_frac,
-        keep_frac=args.keep_frac, alpha=args.alpha, gamma=args.gamma,
-        ratios_sensitive=tuple(sens) if sens is not None else d.ratios_sensitive,
-        ratios=fixed or d.ratios,
-        sensitive_fraction=d.sensitive_fraction if args.sensitive_fraction is None else args.sensitive_fraction,
-        eval_mode=args.eval_mode, batch_size=args.batch_size,
-    )  # fmt: skip
-    cfg.validate()
-    return cfg
-
-
-def _stage_configs(args: argparse.Namespace) -> tuple[SensitivityConfig, CalibrationConfig]:
-    """(SensitivityConfig, CalibrationConfig) from the flags, validated."""
-    sens = SensitivityConfig(images=args.sensitivity_images, tolerance=args.sensitivity_tolerance)
-    n = len(args.classes) if args.classes else 2
-    if _init_ratios(args)[0] == "auto":
-        sens.validate(n)
-    cal = CalibrationConfig(
-        mode=args.calibrate, images=args.calibrate_images, steps=args.calibrate_steps,
-        lr=args.calibrate_lr, batch_size=args.calibrate_batch_size, seed=args.seed,
-    )  # fmt: skip
-    cal.validate()
-    return sens, cal
 
 
 def _val_from_train(v: Any) -> int | float | None:
@@ -544,8 +435,8 @@ def cmd_split(args: argparse.Namespace) -> Path:
         MDError: one line for bad input, a busy or unwritable run folder, or a failed write; a
             split that fails before its search saved a state leaves no files behind.
     """
-    cfg = _search_config(args)
-    sens, cal = _stage_configs(args)
+    cfg = search_config(args, create_split_parser())
+    sens, cal = stage_configs(args)
     if not 0.0 <= args.min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     out = _run_dir(args)
@@ -574,7 +465,7 @@ def _split(args: argparse.Namespace, out: Path, cfg, sens, cal) -> Path:
     log = _open_log(out / "split.log")
     mods = modularize(
         model, loader, args.classes, cfg, min_confidence=args.min_confidence,
-        init_ratios=_init_ratios(args)[0], sensitivity=sens, calibration=cal,
+        init_ratios=parse_init_ratios(args)[0], sensitivity=sens, calibration=cal,
         train_loader=train_loader, state_path=str(out / "search_state.pt"),
         input_size=data_config["input_size"],
         progress=not args.no_progress and sys.stderr.isatty(), log=log,

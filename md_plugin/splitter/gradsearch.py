@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ..data.targets import get_targets
 from ..errors import ConfigError, MDError
 from ..files import atomic_write
+from .gradinit import MASK_INITS, importance_init
 from .head import ModuleHeads, create_module_heads
 
 __all__ = [
@@ -47,15 +48,9 @@ __all__ = [
     "binary_masks",
     "create_phase_optimizer",
     "gradient_modules",
-    "refit_heads",
     "run_gradient_search",
     "schedule",
-    "sensitivity_target",
 ]
-
-# ones: GradSplitter's; auto: ones, with the kernel target the layer sensitivity's keep ratios
-# leave (--init-ratios auto); importance: CNNSplitter's per-class importance ranks, all on
-MASK_INITS = ("auto", "ones", "importance")
 
 _logger = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -494,47 +489,6 @@ def run_gradient_search(
     return GradResult(snap["masks"], snap["heads"], best, state["strong_acc"], state["history"])
 
 
-def importance_init(
-    sg: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    classes: Sequence[int],
-    min_confidence: float,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """[M, K] starting values from CNNSplitter's per-class importance (not GradSplitter's): in
-    every group the most important channel starts at 1 and the i-th of C at 1 - i / C, so under
-    the kernel term the least important channels reach 0 first."""
-    from .importance import compute_importance
-
-    batches = list(zip(x.split(batch_size), y.split(batch_size)))
-    imp = compute_importance(sg, batches, classes, min_confidence, device)
-    rows = []
-    for i in range(len(classes)):
-        per = []
-        for g, grp in enumerate(sg.groups):
-            v = torch.empty(grp.channels)
-            v[imp.order(i, g)] = (
-                1.0 - torch.arange(grp.channels, dtype=torch.float32) / grp.channels
-            )
-            per.append(v)
-        rows.append(torch.cat(per))
-    return torch.stack(rows)
-
-
-def sensitivity_target(sg: Any, ratios: Sequence[float]) -> float:
-    """The fraction of the kernels that each group's keep ratio ``r_g`` leaves (at least one
-    channel per group; a group channel counts once per producer conv, as ``kept_fraction``):
-    ``--mask-init auto``'s kernel target."""
-    kept = total = 0.0
-    for grp, r in zip(sg.groups, ratios):
-        c = grp.channels
-        kept += max(1, int(round(r * c))) * grp.kernels
-        total += c * grp.kernels
-    return kept / total
-
-
 def gradient_modules(
     model: torch.nn.Module,
     sg: Any,
@@ -556,7 +510,7 @@ def gradient_modules(
     ``x``, ``y``: the validation images of ``classes`` (labels in the model's output space);
     ``val_index`` the ones that choose the epoch; ``train_loader`` the training images the masks
     learn on (:meth:`TrainPool.from_loader`). Called by :func:`~.split.modularize`, which sets
-    ``cfg.target_kernels`` for ``mask_init='auto'`` (:func:`sensitivity_target`).
+    ``cfg.target_kernels`` for ``mask_init='auto'`` (:func:`~.gradinit.sensitivity_target`).
     """
     from .bank import ModuleBank
     from .head import HEAD_HIDDEN
@@ -600,53 +554,3 @@ def gradient_modules(
     mods = create_split_modules(model, sg, classes, masks, opts)
     mods.heads = res.heads
     return mods
-
-
-def refit_heads(
-    mods: Any,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    epochs: int = 5,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> float:
-    """GradSplitter's head epochs once more, on the modules as they are now (masks fixed).
-
-    Calibration changes every module's logits after its head was fitted to the uncalibrated
-    ones, so a calibrated gradient split re-fits its heads on the calibration images (labels in
-    the model's output space): ``epochs`` passes of Adam at ``lr`` (GradSplitter's later head
-    lr), heads only. The logits are computed once. Returns the last epoch's mean loss.
-    """
-    from .bank import ModuleBank
-
-    log = log or _logger.info
-    row = {int(c): i for i, c in enumerate(mods.classes)}
-    rows = torch.tensor([row[int(v)] for v in labels])
-    bank = ModuleBank(mods.split_graph)
-    scale = mods.calib_scale if mods.calibrated else None
-    shift = mods.calib_shift if mods.calibrated else None
-    masks = mods.masks.float()
-    with torch.no_grad():
-        z = torch.cat([bank(x, masks, scale, shift) for x in images.split(250)], 1)
-    heads = ModuleHeads.from_tensors(mods.heads)
-    opt = torch.optim.Adam(heads.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    t0, loss_sum = time.perf_counter(), 0.0
-    for _ in range(epochs):
-        perm, loss_sum, steps = torch.randperm(len(rows), generator=g), 0.0, 0
-        for s in range(0, len(rows), batch_size):
-            i = perm[s : s + batch_size]
-            loss = F.cross_entropy(heads(z[:, i]).t(), rows[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum, steps = loss_sum + loss.item(), steps + 1
-        loss_sum /= steps
-    mods.heads = heads.tensors()
-    log(
-        f"heads re-fitted to the calibrated modules: {epochs} epochs on {len(rows)} training "
-        f"images, loss {loss_sum:.4f} ({time.perf_counter() - t0:.0f} s)"
-    )
-    return loss_sum

@@ -8,17 +8,26 @@ above 0.5. The head is trained with the masks and belongs to the module.
 All M heads live in stacked tensors (``0.weight`` [M, 10, N], ``0.bias`` [M, 10], ``2.weight``
 [M, 1, 10], ``2.bias`` [M, 1]; the names of an ``nn.Sequential(Linear, ReLU, Linear)``), so M
 modules' logits [M, B, N] are scored in one call and the artifact stores them as ``head.<name>``.
+Calibration changes the logits a head was fitted to, so :func:`refit_heads` fits them again.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["ModuleHeads", "HEAD_HIDDEN", "create_module_heads"]
+from .bank import ModuleBank
 
+__all__ = ["ModuleHeads", "HEAD_HIDDEN", "create_module_heads", "refit_heads"]
+
+_logger = logging.getLogger(__name__)
 HEAD_HIDDEN = 10  # GradSplitter's hidden width
 
 
@@ -111,3 +120,51 @@ def create_module_heads(num_modules: int, num_logits: int, seed: int = 0) -> Mod
     heads = ModuleHeads(num_modules, num_logits)
     heads.reset(torch.Generator().manual_seed(seed))
     return heads
+
+
+def refit_heads(
+    mods: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> float:
+    """GradSplitter's head epochs once more, on the modules as they are now (masks fixed).
+
+    Calibration changes every module's logits after its head was fitted to the uncalibrated
+    ones, so a calibrated gradient split re-fits its heads on the calibration images (labels in
+    the model's output space): ``epochs`` passes of Adam at ``lr`` (GradSplitter's later head
+    lr), heads only. The logits are computed once. Returns the last epoch's mean loss.
+    """
+    log = log or _logger.info
+    row = {int(c): i for i, c in enumerate(mods.classes)}
+    rows = torch.tensor([row[int(v)] for v in labels])
+    bank = ModuleBank(mods.split_graph)
+    scale = mods.calib_scale if mods.calibrated else None
+    shift = mods.calib_shift if mods.calibrated else None
+    masks = mods.masks.float()
+    with torch.no_grad():
+        z = torch.cat([bank(x, masks, scale, shift) for x in images.split(250)], 1)
+    heads = ModuleHeads.from_tensors(mods.heads)
+    opt = torch.optim.Adam(heads.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    t0, loss_sum = time.perf_counter(), 0.0
+    for _ in range(epochs):
+        perm, loss_sum, steps = torch.randperm(len(rows), generator=g), 0.0, 0
+        for s in range(0, len(rows), batch_size):
+            i = perm[s : s + batch_size]
+            loss = F.cross_entropy(heads(z[:, i]).t(), rows[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum, steps = loss_sum + loss.item(), steps + 1
+        loss_sum /= steps
+    mods.heads = heads.tensors()
+    log(
+        f"heads re-fitted to the calibrated modules: {epochs} epochs on {len(rows)} training "
+        f"images, loss {loss_sum:.4f} ({time.perf_counter() - t0:.0f} s)"
+    )
+    return loss_sum

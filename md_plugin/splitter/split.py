@@ -25,8 +25,10 @@ from ..errors import ConfigError, MDError
 from .bank import ModuleBank
 from .calibrate import CalibrationConfig, calibrate_modules
 from .encoding import GeneLayout, create_gene_layout
-from .gradsearch import GradConfig, gradient_modules, refit_heads, sensitivity_target
+from .gradinit import sensitivity_target
+from .gradsearch import GradConfig, gradient_modules
 from .groups import SplitGraph, create_split_graph
+from .head import refit_heads
 from .importance import compute_importance
 from .modules import SplitModules, create_split_modules
 from .search import ModuleEvaluator, SearchConfig, run_search
@@ -307,7 +309,7 @@ def _gradient_split(
 ) -> SplitModules:
     """``modularize`` with the gradient search (:mod:`.gradsearch`) instead of the GA. With
     ``mask_init='auto'`` the layer sensitivity sets the kernel target: the fraction its keep
-    ratios leave (:func:`~.gradsearch.sensitivity_target`), unless ``target_kernels`` is given."""
+    ratios leave (:func:`~.gradinit.sensitivity_target`), unless ``target_kernels`` is given."""
     if train_loader is None:
         raise ConfigError("the gradient search learns on training images: pass train_loader")
     x, y = collect_images(loader, classes)
