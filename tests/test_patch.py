@@ -335,6 +335,29 @@ def test_md_doctor_patch_with_a_modules_file(patch_setup, cifar10_root, tmp_path
     assert doctor_main(["patch"] + bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "split from another model" in err[0]
+    # --module-score: a GA split has no heads; a gradient split's head is used only when asked
+    assert (
+        doctor_main(["patch"] + args[: args.index("--results")] + ["--module-score", "head"]) == 2
+    )
+    assert "have no heads (a GA split)" in capsys.readouterr().err
+    from md_plugin.splitter.head import create_module_heads
+
+    mods.heads = create_module_heads(5, 5, seed=1).tensors()
+    mods.save(d / "mods_h.safetensors")
+    args_h = [a.replace("mods.safetensors", "mods_h.safetensors") for a in args]
+    args_h += ["--overwrite"]
+    assert doctor_main(["patch"] + args_h) == 0  # default: the own-logit range, as without heads
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["patch"]["value_range"] == pytest.approx([lo, hi])
+    assert res["patch"]["module_head"] is False
+    assert all(res["after"][k] == pytest.approx(exp[k]) for k in exp)
+    assert doctor_main(["patch"] + args_h + ["--module-score", "head"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["patch"]["module_head"] is True and res["patch"]["value_range"] == [0.0, 1.0]
+    with torch.no_grad():
+        after[:, 5] = mods.module_head(2)(mods.module(2)(x))
+    exp = tc_metrics(after.argmax(1), y, 5)
+    assert all(res["after"][k] == pytest.approx(exp[k]) for k in exp)
 
 
 def test_md_doctor_patch_refuses_modules_of_other_weights(patch_setup, tmp_path, capsys):

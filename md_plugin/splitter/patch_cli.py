@@ -98,6 +98,14 @@ def create_patch_parser() -> argparse.ArgumentParser:
         default=None,
         help="the target class's index in the strong model's outputs (its module)",
     )
+    g.add_argument(
+        "--module-score",
+        default="range",
+        choices=["range", "head"],
+        help="what replaces the weak TC probability: range (the paper's own logit, min-max "
+        "normalised on the class's held-out images) or head (a gradient split's module head, "
+        "GradSplitter's; it over-fires on classes the strong model never saw: docs/splitter.md)",
+    )
     g = p.add_argument_group("data (as in train_md.py)")
     add_dataset_flags(g)
     g.add_argument("--split", default="validation", help="the evaluation split (never tuned on)")
@@ -256,7 +264,12 @@ def build_patched(args: argparse.Namespace) -> tuple[PatchedModel, dict[str, Any
     else:
         mods = SplitModules.load(args.modules, strong, cfg_s["input_size"])
         module = mods.module(args.module_class)
-        head = mods.module_head(args.module_class)
+        if args.module_score == "head":
+            head = mods.module_head(args.module_class)
+            if head is None:
+                raise ConfigError(
+                    "--module-score head: these modules have no heads (a GA split); use range"
+                )
         lo, hi = (0.0, 1.0) if head is not None else mods.range(args.module_class)
         meta.update(module_kind="masked", modules=str(args.modules), module_head=head is not None)
         st = next(
