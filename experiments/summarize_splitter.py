@@ -30,10 +30,10 @@ METHODS = {  # table order; the name of a split run is {strong}_{method}_s{seed}
     "ga_affine": "GA, --init-ratios auto, --calibrate affine (the default)",
     "grad_ones_affine": "gradient, --mask-init ones (GradSplitter's), affine",
     "grad_t60_affine": "gradient, ones, --target-kernels 0.6 --kernel-alpha 1, affine",
-    "grad_t60e46_affine": "the same, --epochs 46",
+    "grad_t60e46_affine": "gradient, ones, target 0.6, alpha 1, --epochs 46, affine",
     "grad_auto_affine": "gradient, --mask-init auto (ones; sensitivity's kernel target), affine",
     "grad_autov1_affine": "gradient, first --mask-init auto (masks at the sensitivity's ratios; replaced), affine",
-    "grad_autov1_t60_affine": "the same, --target-kernels 0.6",
+    "grad_autov1_t60_affine": "first --mask-init auto, --target-kernels 0.6, affine",
 }
 PATCH = {"ga_affine": "GA + affine module (own-logit range)",
          "grad_ones_affine": "gradient (ones) + affine module, head score",
@@ -211,7 +211,7 @@ def figure(root: Path, path: str) -> None:
         if not rs:
             continue
         strong = rs[0]["test"]["strong_acc"]
-        ax.axhline(strong, color="k", ls="--", lw=1, label=f"strong model ({strong:.2f}%)")
+        ax.axhline(strong, color="k", ls="--", lw=1, label="strong model (dashed)")
         for i, m in enumerate(METHODS):
             pts = [r for r in rs if r["method"] == m]
             if pts:
@@ -228,7 +228,7 @@ def figure(root: Path, path: str) -> None:
     axes[0].set_ylabel("composed accuracy, CIFAR-10 test, classes 0-4 (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     for h, lab in zip(*axes[1].get_legend_handles_labels()):
-        if lab not in labels and not lab.startswith("strong"):
+        if lab not in labels:
             handles.append(h)
             labels.append(lab)
     fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
