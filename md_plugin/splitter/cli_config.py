@@ -57,7 +57,8 @@ _GRADIENT_ONLY = ("epochs", "head_epochs", "images_per_epoch", "mask_lr", "head_
 
 def _mask_init(args: argparse.Namespace) -> str:
     """The gradient search's ``--mask-init``: as given, else ``auto`` when ``--init-ratios
-    auto`` is given (the sensitivity sets the starting masks), else GradSplitter's ``ones``."""
+    auto`` is given (the layer sensitivity sets the kernel target), else GradSplitter's
+    ``ones``."""
     if args.mask_init:
         return args.mask_init
     return (
@@ -75,8 +76,8 @@ def _check_search_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
         other = other + ("init_ratios", *_SENSITIVITY)
     if init == "auto" and parse_init_ratios(args)[0] != "auto":
         raise ConfigError(
-            "--mask-init auto starts the masks from the layer sensitivity (--init-ratios auto); "
-            "numeric --init-ratios are the GA's"
+            "--mask-init auto takes its kernel target from the layer sensitivity (--init-ratios "
+            "auto); numeric --init-ratios are the GA's"
         )
     given = [k for k in other if getattr(args, k) != parser.get_default(k)]
     if given:

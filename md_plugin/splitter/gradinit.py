@@ -53,8 +53,7 @@ def importance_init(
 def sensitivity_target(sg: Any, ratios: Sequence[float]) -> float:
     """The fraction of the kernels that each group's keep ratio ``r_g`` leaves (at least one
     channel per group; a group channel counts once per producer conv, as
-    :func:`~.gradsearch.kept_fraction`):
-    ``--mask-init auto``'s kernel target."""
+    :func:`~.gradsearch.kept_fraction`): ``--mask-init auto``'s kernel target."""
     kept = total = 0.0
     for grp, r in zip(sg.groups, ratios):
         c = grp.channels

@@ -211,8 +211,9 @@ def modularize(
             ``sensitivity.images`` subset the layer sensitivity's.
         config: the GA's :class:`SearchConfig`; ``overrides`` set its fields (``generations=10``).
             A :class:`~.gradsearch.GradConfig` runs GradSplitter's gradient search instead: its
-            masks and module heads learn on ``train_loader``'s images (all of them; no importance
-            or sensitivity stage), a ``val_images`` subset of the held-out ones chooses the epoch.
+            masks and module heads learn on ``train_loader``'s images (all of them), a
+            ``val_images`` subset of the held-out ones chooses the epoch; its ``mask_init='auto'``
+            runs the importance and sensitivity stages for its kernel target.
         init_ratios: ``"auto"`` (each group's initial keep ratios from the layer sensitivity,
             :class:`SensitivityConfig`) or ``"fixed"`` (``config``'s forward-order lists).
         calibration: :class:`CalibrationConfig` (default: none); ``bn``/``affine`` need
