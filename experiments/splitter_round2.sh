@@ -47,6 +47,10 @@ for what in "${stages[@]}"; do
       split simcnn_grad_ones_affine_s0 simcnn --search gradient --mask-init ones
       split r20_grad_t60_affine_s0 r20 --search gradient --mask-init ones --target-kernels 0.6 \
         --kernel-alpha 1
+      for s in r20 simcnn; do  # the same search as ${s}_grad_t60_affine_s0, uncalibrated
+        split "${s}_grad_t60_none_s0" "$s" --search gradient --mask-init ones --target-kernels 0.6 \
+          --kernel-alpha 1 --calibrate none
+      done
       split r20_grad_t60e46_affine_s0 r20 --search gradient --mask-init ones --target-kernels 0.6 \
         --kernel-alpha 1 --epochs 46
       # grad_autov1_* (docs/splitter.md) came from the first sensitivity start, at commit 4bce11f:

@@ -30,6 +30,7 @@ METHODS = {  # table order; the name of a split run is {strong}_{method}_s{seed}
     "ga_affine": "GA, --init-ratios auto, --calibrate affine (the default)",
     "grad_ones_affine": "gradient, --mask-init ones (GradSplitter's), affine",
     "grad_t60_affine": "gradient, ones, --target-kernels 0.6 --kernel-alpha 1, affine",
+    "grad_t60_none": "gradient, ones, target 0.6, alpha 1, no calibration (same masks)",
     "grad_t60e46_affine": "gradient, ones, target 0.6, alpha 1, --epochs 46, affine",
     "grad_auto_affine": "gradient, --mask-init auto (ones; sensitivity's kernel target), affine",
     "grad_autov1_affine": "gradient, first --mask-init auto (masks at the sensitivity's ratios; replaced), affine",
@@ -216,7 +217,7 @@ def figure(root: Path, path: str) -> None:
             pts = [r for r in rs if r["method"] == m]
             if pts:
                 ax.scatter([r["kernels_pct"] for r in pts], [r["test"]["composed_acc"] for r in pts],
-                           color=f"C{i}", marker="os^vDPXhp"[i], s=40, label=METHODS[m])  # fmt: skip
+                           color=f"C{i}", marker="os^v<DPXhp"[i], s=40, label=METHODS[m])  # fmt: skip
         lo, hi = PAPER_FLOPS
         ax.errorbar([(lo + hi) / 2], [strong - PAPER_LOSS], xerr=[[(hi - lo) / 2], [(hi - lo) / 2]],
                     color="crimson", marker="*", ms=12, capsize=4,
