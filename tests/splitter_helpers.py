@@ -58,12 +58,12 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int = 16) -> list:
     return list(zip(x.split(size), y.split(size)))
 
 
-def randomise_model(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms and conv biases (eval mode), so a mask or an
-    affine in the wrong place would show."""
+def randomise_model(model: nn.Module, seed: int = 0, conv_bias: bool = True) -> nn.Module:
+    """Non-trivial BN statistics and affine terms and (with ``conv_bias``) conv biases (eval
+    mode), so a mask or an affine in the wrong place would show."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.bias is not None:
+        if conv_bias and isinstance(m, nn.Conv2d) and m.bias is not None:
             m.bias.data.copy_(0.1 * torch.randn(m.out_channels, generator=g))
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features

@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from splitter_helpers import random_masks, randomise_model
 
 import md_plugin  # noqa: F401  (registers the CIFAR ResNets and simcnn_weak)
 from md_plugin.splitter import (
@@ -17,29 +18,6 @@ from md_plugin.splitter import (
     extract_module,
 )
 from md_plugin.splitter.masking import create_reading_model
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so a mask before BN would be caught."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model.eval()
-
-
-def _random_masks(sg, seed: int, p: float = 0.5) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    masks = []
-    for grp in sg.groups:
-        m = torch.rand(grp.channels, generator=g) < p
-        m[torch.randint(grp.channels, (1,), generator=g)] = True
-        masks.append(m)
-    return masks
 
 
 class DepthwiseNet(nn.Module):
@@ -113,13 +91,13 @@ FAMILIES = {
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_masked_equals_extracted(name):
     torch.manual_seed(0)
-    model = _randomise_bn(FAMILIES[name]())
+    model = randomise_model(FAMILIES[name](), conv_bias=False)
     sg = create_split_graph(model, (3, 32, 32))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         full = model(x)
         for seed in range(2):
-            masks = _random_masks(sg, seed)
+            masks = random_masks(sg, seed, p=0.5)
             masked = create_masked_model(sg, masks)(x)
             ext = extract_module(sg, masks)
             out = ext(x)
@@ -286,7 +264,9 @@ class _Record(fx.Interpreter):
 
 
 def test_densenet_groups_lie_side_by_side_and_are_masked_after_every_consumer_bn():
-    model = _randomise_bn(timm.create_model("densenet121", num_classes=5))
+    model = randomise_model(
+        timm.create_model("densenet121", num_classes=5), conv_bias=False
+    )  # BN only
     sg = create_split_graph(model, (3, 32, 32))
     g = _owners(sg)["features.denseblock1.denselayer1.conv2"]
     consumers = [f"features_denseblock1_denselayer{i}_norm1" for i in range(2, 7)]
@@ -313,7 +293,9 @@ def test_densenet_groups_lie_side_by_side_and_are_masked_after_every_consumer_bn
 
 
 def test_regnet_grouped_conv_keeps_whole_conv_groups():
-    model = _randomise_bn(timm.create_model("regnety_002", num_classes=5))
+    model = randomise_model(
+        timm.create_model("regnety_002", num_classes=5), conv_bias=False
+    )  # BN only
     sg = create_split_graph(model, (3, 32, 32))
     g = _owners(sg)["s1.b1.conv1.conv"]  # conv1 -> grouped conv2 (group width 8) -> SE
     assert g.unit == 8 and g.channels == 24 // 8 and g.kernels == 2 * 8
