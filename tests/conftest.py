@@ -19,3 +19,18 @@ def cifar10_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     write_cifar(root, "cifar10", train_per_class=20, test_per_class=10)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_strong_checkpoint(tmp_path_factory):
+    """An untrained ``simcnn_weak`` (width 8, 10 outputs, seed 0) checkpoint: the strong model
+    of the ``md-doctor split`` command tests."""
+    import timm
+
+    import md_plugin  # noqa: F401  (registers simcnn_weak)
+
+    torch.manual_seed(0)
+    model = timm.create_model("simcnn_weak", num_classes=10, width=8)
+    path = tmp_path_factory.mktemp("ckpt") / "strong.pth.tar"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path

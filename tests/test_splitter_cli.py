@@ -20,15 +20,6 @@ from md_plugin.errors import ConfigError, MDError
 from md_plugin.splitter import SplitModules
 
 
-@pytest.fixture(scope="module")
-def strong(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("simcnn_weak", num_classes=10, width=8)
-    path = tmp_path_factory.mktemp("ckpt") / "strong.pth.tar"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
-
-
 def _argv(root, ckpt, out, *extra):
     return [
         "split", "--model", "simcnn_weak", "--model-kwargs", "width=8", "--checkpoint", str(ckpt),
@@ -39,10 +30,10 @@ def _argv(root, ckpt, out, *extra):
     ]  # fmt: skip
 
 
-def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsys):
+def test_split_run_folder_table_and_resume(cifar10_root, tiny_strong_checkpoint, tmp_path, capsys):
     cfg = tmp_path / "split.yaml"
     cfg.write_text("generations: 2\nseed: 3\n")
-    assert main([*_argv(cifar10_root, strong, tmp_path), "-c", str(cfg)]) == 0
+    assert main([*_argv(cifar10_root, tiny_strong_checkpoint, tmp_path), "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "composed 3-module accuracy" in out and "gen 2/2" in out
     run = tmp_path / "run"
@@ -55,7 +46,7 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
     model = timm.create_model("simcnn_weak", num_classes=10, width=8)
     with pytest.raises(MDError, match="split from another model: same architecture"):
         SplitModules.load(run / "modules.safetensors", model)  # random weights (issue 19 item 3)
-    load_weights(model, strong)
+    load_weights(model, tiny_strong_checkpoint)
     mods = SplitModules.load(run / "modules.safetensors", model)
     assert mods.classes == [0, 1, 2] and mods.options["config"]["seed"] == 3
     assert len(mods.options["history"]) == 2
@@ -63,10 +54,10 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
     assert mods.calibrated and mods.options["calibration"]["mode"] == "affine"
     assert {"sensitivity_s", "calibration_s", "calibration_cpu_s"} <= set(mods.options["timings"])
     # the folder is never overwritten
-    assert main(_argv(cifar10_root, strong, tmp_path, "--generations", "2")) == 2
+    assert main(_argv(cifar10_root, tiny_strong_checkpoint, tmp_path, "--generations", "2")) == 2
     assert "exists" in capsys.readouterr().err
     # --resume extends the same search
-    assert main([*_argv(cifar10_root, strong, tmp_path, "--resume", "--generations", "3"),
+    assert main([*_argv(cifar10_root, tiny_strong_checkpoint, tmp_path, "--resume", "--generations", "3"),
                  "-c", str(cfg)]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "resuming the search from generation 2" in out and "gen 3/3" in out
@@ -93,8 +84,10 @@ def test_split_run_folder_table_and_resume(cifar10_root, strong, tmp_path, capsy
         (["--calibrate", "fancy"], "invalid choice"),
     ],
 )
-def test_bad_input_is_one_line(cifar10_root, strong, tmp_path, capsys, extra, words):
-    argv = _argv(cifar10_root, strong, tmp_path, "--generations", "1")
+def test_bad_input_is_one_line(
+    cifar10_root, tiny_strong_checkpoint, tmp_path, capsys, extra, words
+):
+    argv = _argv(cifar10_root, tiny_strong_checkpoint, tmp_path, "--generations", "1")
     if extra[0] == "--classes":
         i = argv.index("--classes")
         argv = argv[:i] + argv[i + 4 :]
@@ -111,14 +104,14 @@ def test_unknown_config_key(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(cifar10_root, strong, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(cifar10_root, tiny_strong_checkpoint, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")  # fmt: skip
     cmd = [sys.executable, "-m", "md_plugin"]
     # 20 generations: on an idle machine 4 more finished within the 0.2 s before the kill landed
-    full = _argv(cifar10_root, strong, tmp_path / "full", "--generations", "20")
+    full = _argv(cifar10_root, tiny_strong_checkpoint, tmp_path / "full", "--generations", "20")
     subprocess.run(cmd + full, env=env, check=True, capture_output=True)
-    killed = _argv(cifar10_root, strong, tmp_path / "killed", "--generations", "20")
+    killed = _argv(cifar10_root, tiny_strong_checkpoint, tmp_path / "killed", "--generations", "20")
     proc = subprocess.Popen(cmd + killed, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     for line in proc.stdout:  # kill right after generation 1 is logged (margin on a loaded box)

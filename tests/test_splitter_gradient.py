@@ -231,15 +231,6 @@ def test_gradient_search_needs_training_images():
 
 
 # -- md-doctor split --search gradient -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def strong(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("simcnn_weak", num_classes=10, width=8)
-    path = tmp_path_factory.mktemp("ckpt") / "strong.pth.tar"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
-
-
 def _argv(root, ckpt, out, *extra):
     return [
         "split", "--model", "simcnn_weak", "--model-kwargs", "width=8", "--checkpoint", str(ckpt),
@@ -250,10 +241,23 @@ def _argv(root, ckpt, out, *extra):
     ]  # fmt: skip
 
 
-def test_md_doctor_split_gradient_run_and_resume(cifar10_root, strong, tmp_path, capsys):
+def test_md_doctor_split_gradient_run_and_resume(
+    cifar10_root, tiny_strong_checkpoint, tmp_path, capsys
+):
     # --init-ratios auto given: the masks start from the sensitivity (--mask-init auto)
     assert (
-        main(_argv(cifar10_root, strong, tmp_path, "--epochs", "3", "--init-ratios", "auto")) == 0
+        main(
+            _argv(
+                cifar10_root,
+                tiny_strong_checkpoint,
+                tmp_path,
+                "--epochs",
+                "3",
+                "--init-ratios",
+                "auto",
+            )
+        )
+        == 0
     )
     out = capsys.readouterr().out
     assert "epoch 3/3 [mask]" in out and "composed 3-module accuracy" in out
@@ -263,12 +267,19 @@ def test_md_doctor_split_gradient_run_and_resume(cifar10_root, strong, tmp_path,
               "sensitivity.csv", "sensitivity.png"):  # fmt: skip
         assert (run / f).is_file(), f
     model = timm.create_model("simcnn_weak", num_classes=10, width=8)
-    load_weights(model, strong)
+    load_weights(model, tiny_strong_checkpoint)
     mods = SplitModules.load(run / "modules.safetensors", model)
     assert mods.heads["0.weight"].shape == (3, 10, 10)  # 3 modules, the model's 10 logits
     assert "phase" in (run / "history.csv").read_text().splitlines()[0]
     argv = _argv(
-        cifar10_root, strong, tmp_path, "--epochs", "4", "--init-ratios", "auto", "--resume"
+        cifar10_root,
+        tiny_strong_checkpoint,
+        tmp_path,
+        "--epochs",
+        "4",
+        "--init-ratios",
+        "auto",
+        "--resume",
     )
     assert main(argv) == 0
     out = capsys.readouterr().out
