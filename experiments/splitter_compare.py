@@ -39,12 +39,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from splitter_patch import _load, _loader, _splits, diag_stage  # noqa: E402
+from splitter_patch import _loader, _splits, diag_stage, weak_task  # noqa: E402
 
 import md_plugin  # noqa: E402,F401
 from md_plugin.checkpoint import load_weights  # noqa: E402
-from md_plugin.data.class_map import apply_class_map  # noqa: E402
-from md_plugin.data.datasets import create_dataset  # noqa: E402
 from md_plugin.data.transforms import create_eval_transform  # noqa: E402
 from md_plugin.splitter import (  # noqa: E402
     PatchedModel,
@@ -117,15 +115,11 @@ def composed_stage(run: Path, strong, test_loader: DataLoader, out: Path) -> Non
 def patch_stage(strong_key, strong, runs, held_loader, diag_path, tf, args) -> None:
     for tc in args.tcs:
         weak_run = args.models / f"weak_tc{tc}"
-        weak, wa = _load(weak_run)
-        ds = apply_class_map(
-            create_dataset(wa["dataset"], wa["data_dir"], wa.get("val_split", "validation")),
-            wa["class_map"],
-            wa["data_dir"],
-        )
+        weak, ds = weak_task(weak_run)
         loader = _loader(ds, tf)
-        # a module with a head is patched twice: by its head's score (what md-doctor patch does)
-        # and by the paper's min-max-normalised own logit (rule "range")
+        # a module with a head is patched twice: by its head's score (md-doctor patch
+        # --module-score head) and by the paper's min-max-normalised own logit (rule "range",
+        # the default)
         variants: list[tuple[str, Any, str]] = [(r.name, r / "modules.safetensors", "own")
                                                 for r in runs]  # fmt: skip
         variants += [(r.name + "_range", r / "modules.safetensors", "range") for r in runs]

@@ -55,6 +55,17 @@ def _load(run: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return m.eval(), a
 
 
+def weak_task(run: Path) -> tuple[torch.nn.Module, Any]:
+    """A weak run's model and its task's test split (the weak class map applied)."""
+    weak, wa = _load(run)
+    ds = apply_class_map(
+        create_dataset(wa["dataset"], wa["data_dir"], wa.get("val_split", "validation")),
+        wa["class_map"],
+        wa["data_dir"],
+    )
+    return weak, ds
+
+
 def _splits(a: dict[str, Any]):
     return create_datasets(
         a["dataset"], a["data_dir"], a.get("train_split", "train"),
@@ -150,12 +161,7 @@ def patch_stage(args, tc, strong, strong_val_loader, tf, out: Path, times) -> di
     if res_path.is_file():
         return json.loads(res_path.read_text())
     weak_run = args.models / f"weak_tc{tc}"
-    weak, wa = _load(weak_run)
-    ds = apply_class_map(
-        create_dataset(wa["dataset"], wa["data_dir"], wa.get("val_split", "validation")),
-        wa["class_map"],
-        wa["data_dir"],
-    )
+    weak, ds = weak_task(weak_run)
     weak_tc = 5  # the weak task appends the TC last
     if args.test_per_class:  # a seeded subset of every class (fixed before any result)
         ds = apply_class_cap(ds, {c: args.test_per_class for c in range(6)}, seed=0)
