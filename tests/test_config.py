@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from import_graph import PKG, import_targets
 
 from md_plugin.config import KwargsAction, Parser, apply_config, args_to_yaml_dict, load_config
 from md_plugin.errors import ConfigError
 
-PKG = Path(__file__).resolve().parents[1] / "md_plugin"
-
 
 def _imported_modules(path: Path) -> set[str]:
     """Absolute names of the md_plugin modules a file imports (relative imports resolved)."""
-    tree = ast.parse(path.read_text())
-    package = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            out.add(mod)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return {m for m in out if m.startswith("md_plugin")}
+    return {m for m, _ in import_targets(path) if m.startswith("md_plugin")}
 
 
 def test_config_is_a_neutral_base():

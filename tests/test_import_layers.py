@@ -6,10 +6,9 @@ still ties two modules together and breaks when either is moved to the top of th
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "md_plugin"
+from import_graph import PKG, import_targets
 
 
 def _modules() -> dict[str, Path]:
@@ -24,20 +23,9 @@ def _graph() -> dict[str, set[str]]:
     names = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in names.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    mod = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    mod = node.module or ""
-                found = [mod, *(f"{mod}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                found = [a.name for a in node.names]
-            else:
-                continue
+        for mod, imported in import_targets(path):
+            found = [mod, *(f"{mod}.{n}" for n in imported)]  # from pkg import submodule
             deps.update(m for m in found if m in names and m != name)
         graph[name] = deps
     return graph
